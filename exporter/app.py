@@ -1,0 +1,291 @@
+"""The aiohttp application: routes, the probe loop as a cleanup context, and target planning.
+
+`create_app(settings, plan)` is used alike by `serve` and by the tests (`aiohttp_client`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import html
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Gauge, PlatformCollector, ProcessCollector
+from prometheus_client.exposition import choose_encoder, generate_latest
+
+from . import __version__, kube
+from .collector import ResultStore, register
+from .config import DEFAULT_QUERY_LABEL, ConfigError, Settings, parse_query
+from .probe import Outcome, ProbeResult, Protocol, Query, probe
+from .scheduler import Scheduler
+from .targets import Check, Target, parse_endpoint, read_resolv_conf, static_targets
+
+log = logging.getLogger(__name__)
+
+# Bodies larger than this are refused with 413 (the webhook's limit, DESIGN.md).
+MAX_BODY = 1024 * 1024
+# Upper bound for /probe?timeout=: a scrape that waits longer is a misconfiguration.
+MAX_PROBE_TIMEOUT = 30.0
+
+
+@dataclass
+class Plan:
+    """What to probe, and a sentence on why, for the log and the status page."""
+
+    targets: list[Target]
+    queries: tuple[Query, ...]
+    source: str
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    plan: Plan
+    registry: CollectorRegistry
+    store: ResultStore
+    scheduler: Scheduler
+    ready: bool = False
+    started_at: float = field(default_factory=time.time)
+
+
+STATE = web.AppKey("state", AppState)
+
+
+def default_query(settings: Settings, expect: tuple[str, ...] = ()) -> Query:
+    return Query(
+        label=DEFAULT_QUERY_LABEL,
+        qname=settings.default_query_name() + ".",
+        rdtype="A",
+        expect=expect,
+    )
+
+
+def plan_targets(settings: Settings) -> Plan:
+    """Decide what to probe: `--server`, else Kubernetes, else the resolver's nameservers.
+
+    Raises ConfigError when the choice cannot be made (nothing to probe, a named
+    kubeconfig that does not exist).
+    """
+    d = settings.discovery
+    queries = settings.probe.queries or (default_query(settings),)
+    if d.servers:
+        return Plan(static_targets(d.servers), queries, "static targets from --server")
+    try:
+        found = kube.find_config(d.kubeconfig)
+    except kube.KubeConfigError as exc:
+        raise ConfigError([str(exc)]) from exc
+    if found is not None:
+        raise ConfigError(
+            [
+                f"found a Kubernetes config ({found}), but Kubernetes discovery is not in this "
+                "version yet; pass --server HOST[:PORT] to probe DNS servers directly"
+            ]
+        )
+    path = Path(d.resolv_conf)
+    try:
+        endpoints = read_resolv_conf(path)
+    except OSError as exc:
+        raise ConfigError(
+            [f"no --server and no Kubernetes config, and {path} cannot be read: {exc.strerror}"]
+        ) from exc
+    if not endpoints:
+        raise ConfigError(
+            [f"no --server, no Kubernetes config, and {path} lists no nameserver to probe"]
+        )
+    return Plan(
+        static_targets(endpoints),
+        queries,
+        f"embedded default: no --server and no Kubernetes config found, probing the "
+        f"nameservers of {path}",
+    )
+
+
+def create_app(settings: Settings, plan: Plan) -> web.Application:
+    registry = CollectorRegistry()
+    store = ResultStore()
+    metrics = register(registry, store)
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    scheduler = Scheduler(settings.probe, store, metrics)
+    scheduler.set_targets(plan.targets, plan.queries)
+
+    app = web.Application(client_max_size=MAX_BODY)
+    # Static targets need no discovery: ready as soon as the app runs.
+    app[STATE] = AppState(settings, plan, registry, store, scheduler, ready=True)
+    app.cleanup_ctx.append(_probe_loop)
+    app.router.add_get("/", status_page)
+    app.router.add_get("/metrics", metrics_handler)
+    app.router.add_get("/probe", probe_handler)
+    app.router.add_get("/-/healthy", healthy)
+    app.router.add_get("/-/ready", ready)
+    return app
+
+
+async def _probe_loop(app: web.Application) -> AsyncIterator[None]:
+    scheduler = app[STATE].scheduler
+    task = asyncio.create_task(scheduler.run(), name="probe-rounds")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    await scheduler.drain()
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+    body = encoder(request.app[STATE].registry)
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+async def healthy(request: web.Request) -> web.Response:
+    return web.Response(text="Healthy.\n")
+
+
+async def ready(request: web.Request) -> web.Response:
+    if request.app[STATE].ready:
+        return web.Response(text="Ready.\n")
+    return web.Response(status=503, text="Not ready: target discovery has not synced yet.\n")
+
+
+class _BadRequest(Exception):
+    pass
+
+
+def _probe_params(
+    request: web.Request, settings: Settings
+) -> tuple[str, int, Protocol, Query, float]:
+    params = request.query
+    problems: list[str] = []
+    target = params.get("target", "")
+    host, port = "", 0
+    if not target:
+        problems.append("target: required, as IP or IP:PORT")
+    else:
+        try:
+            endpoint = parse_endpoint(target, 53)
+            host, port = endpoint.host, endpoint.port
+        except ValueError as exc:
+            problems.append(f"target: {exc}")
+    name = params.get("query", settings.default_query_name())
+    rdtype = params.get("type", "A")
+    query = Query(label=name, qname=name, rdtype=rdtype)
+    try:
+        query = parse_query(f"{name}/{rdtype}", tuple(params.getall("expect", [])))
+    except ValueError as exc:
+        problems.append(f"query: {exc}")
+    protocol = Protocol.UDP
+    try:
+        protocol = Protocol(params.get("protocol", "udp").lower())
+    except ValueError:
+        problems.append(f"protocol: expected udp or tcp, got {params.get('protocol')!r}")
+    timeout = settings.probe.timeout
+    if "timeout" in params:
+        try:
+            timeout = float(params["timeout"])
+            if not 0 < timeout <= MAX_PROBE_TIMEOUT:
+                raise ValueError
+        except ValueError:
+            problems.append(f"timeout: expected seconds, above 0 and at most {MAX_PROBE_TIMEOUT:g}")
+    if problems:
+        raise _BadRequest("\n".join(problems))
+    return host, port, protocol, query, timeout
+
+
+async def probe_handler(request: web.Request) -> web.Response:
+    """One probe now, blackbox-exporter style: a fresh registry with this probe's metrics."""
+    settings = request.app[STATE].settings
+    try:
+        host, port, protocol, query, timeout = _probe_params(request, settings)
+    except _BadRequest as exc:
+        return web.Response(status=400, text=f"bad /probe request:\n{exc}\n")
+    trace: list[str] = []
+    result = await probe(host, port, protocol, query, timeout, trace=trace)
+    registry = CollectorRegistry()
+    Gauge("dnsprobe_success", "1 if the probe passed, else 0.", registry=registry).set(
+        1 if result.ok else 0
+    )
+    if result.rtt_seconds is not None:
+        Gauge(
+            "dnsprobe_duration_seconds", "Round-trip time of the probe.", registry=registry
+        ).set(result.rtt_seconds)
+    Gauge(
+        "dnsprobe_outcome",
+        "The probe's outcome and rcode; always 1.",
+        ["result", "rcode"],
+        registry=registry,
+    ).labels(result=result.outcome.value, rcode=result.rcode or "").set(1)
+    body = generate_latest(registry).decode()
+    if request.query.get("debug", "").lower() != "true":
+        return web.Response(text=body, content_type="text/plain", charset="utf-8")
+    lines = [
+        "Logs for the probe:",
+        *trace,
+        "",
+        "Metrics that would have been returned:",
+        body.rstrip("\n"),
+        "",
+        "Settings:",
+        f"target: {parse_endpoint(request.query['target'], 53).address}",
+        f"query: {query.qname} {query.rdtype}",
+        f"expect: {', '.join(query.expect) or '(any answer of the asked type)'}",
+        f"protocol: {protocol}",
+        f"timeout: {timeout:g}s",
+        f"outcome: {result.outcome} ({result.reason})",
+    ]
+    return web.Response(text="\n".join(lines) + "\n", content_type="text/plain", charset="utf-8")
+
+
+def _cell(result: ProbeResult | None) -> str:
+    if result is None:
+        return "<td>pending</td>"
+    css = "ok" if result.ok else "bad"
+    latency = f" {result.rtt_seconds * 1000:.2f}&nbsp;ms" if result.rtt_seconds is not None else ""
+    return (
+        f'<td class="{css}" title="{html.escape(result.reason)}">'
+        f"{html.escape(result.outcome.value)}{latency}</td>"
+    )
+
+
+async def status_page(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    latest = state.store.latest()
+    protocols = state.settings.probe.protocols
+    rows = []
+    for check in state.scheduler.checks:
+        if check.protocol is not protocols[0]:
+            continue
+        t = check.target
+        cells = "".join(
+            _cell(latest.get(Check(t, p, check.query))) for p in protocols
+        )
+        rows.append(
+            f"<tr><td>{html.escape(t.kind.value)}</td><td>{html.escape(t.endpoint.address)}</td>"
+            f"<td>{html.escape(t.namespace)}</td><td>{html.escape(t.pod or t.service)}</td>"
+            f"<td>{html.escape(t.node)}</td><td>{html.escape(check.query.label)}</td>{cells}</tr>"
+        )
+    head = "".join(f"<th>{p.value}</th>" for p in protocols)
+    failing = sum(1 for _, r in state.scheduler.history if r.outcome is not Outcome.SUCCESS)
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>coredns-health-exporter</title>
+<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}
+.ok{{background:#dfd}}.bad{{background:#fdd}}</style></head><body>
+<h1>coredns-health-exporter {html.escape(__version__)}</h1>
+<p>Targets: {html.escape(state.plan.source)}. Ready: {"yes" if state.ready else "no"}.
+Failing results among the last {len(state.scheduler.history)}: {failing}.</p>
+<p><a href="/metrics">Metrics</a> &middot; <a href="/-/ready">Readiness</a></p>
+<h2>Targets</h2>
+<table><tr><th>kind</th><th>address</th><th>namespace</th><th>pod / service</th><th>node</th>
+<th>query</th>{head}</tr>
+{"".join(rows) or '<tr><td colspan="9">no targets</td></tr>'}
+</table>
+<h2>Remediations</h2>
+<p>None: remediation needs Kubernetes, and this exporter is probing static targets.</p>
+</body></html>
+"""
+    return web.Response(text=page, content_type="text/html")

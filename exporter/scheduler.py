@@ -1,0 +1,136 @@
+"""Probe rounds: interval, spread, bounded concurrency, latest results.
+
+Rounds start on a fixed grid (start + k * interval), so they do not drift. Within a round
+each check starts at its own stable offset, spread over the part of the interval that
+leaves room for the timeout: load is even instead of a burst at the top of each round,
+and a check's probes never overlap each other. The offsets are seeded per process, so two
+replicas do not probe in lockstep (the jitter). A semaphore bounds probes in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import zlib
+from collections import deque
+from collections.abc import Sequence
+
+from .collector import ProcessMetrics, ResultStore
+from .config import ProbeSettings
+from .probe import Outcome, ProbeResult, Query, probe
+from .targets import Check, Target, expand_checks
+
+log = logging.getLogger(__name__)
+
+# Sleeps shorter than this are not worth a timer: the check starts now.
+_MIN_SLEEP = 0.001
+# Results kept for the status page and /probe-style history.
+HISTORY = 100
+
+
+class Scheduler:
+    def __init__(
+        self, settings: ProbeSettings, store: ResultStore, metrics: ProcessMetrics | None = None
+    ) -> None:
+        self._settings = settings
+        self._store = store
+        self._metrics = metrics
+        self._checks: list[Check] = []  # by start offset
+        self._ordered: list[Check] = []  # targets x protocols x queries, as given
+        self._offsets: dict[Check, float] = {}
+        self._seed = random.getrandbits(32)
+        self._semaphore = asyncio.Semaphore(settings.concurrency)
+        self._inflight: set[asyncio.Task[None]] = set()
+        self.targets: list[Target] = []
+        self.history: deque[tuple[Check, ProbeResult]] = deque(maxlen=HISTORY)
+
+    @property
+    def checks(self) -> list[Check]:
+        """Current checks in target order, then protocol, then query."""
+        return list(self._ordered)
+
+    def set_targets(self, targets: Sequence[Target], queries: tuple[Query, ...]) -> None:
+        """Replace what is probed; series of checks no longer present vanish at once."""
+        checks = expand_checks(list(targets), self._settings.protocols, queries)
+        spread = max(0.0, self._settings.interval - self._settings.timeout)
+        self._offsets = {check: self._fraction(check) * spread for check in checks}
+        self._checks = sorted(checks, key=self._offsets.__getitem__)
+        self._ordered = checks
+        self.targets = list(targets)
+        self._store.retain(checks)
+
+    def _fraction(self, check: Check) -> float:
+        key = "\0".join(check.label_values()).encode()
+        return (zlib.crc32(key, self._seed) & 0xFFFFFFFF) / 2**32
+
+    async def _probe(self, check: Check) -> ProbeResult:
+        endpoint = check.target.endpoint
+        try:
+            result = await probe(
+                endpoint.host, endpoint.port, check.protocol, check.query, self._settings.timeout
+            )
+        except Exception as exc:  # a bug in one probe must not stop the rounds
+            log.exception("probe of %s failed unexpectedly", endpoint.address)
+            result = ProbeResult(Outcome.ERROR, f"internal error: {exc!r}")
+        self._store.record(check, result)
+        self.history.append((check, result))
+        return result
+
+    async def run_once(self) -> list[tuple[Check, ProbeResult]]:
+        """Probe every check now (no spread), bounded by the concurrency limit."""
+
+        async def one(check: Check) -> tuple[Check, ProbeResult]:
+            async with self._semaphore:
+                return check, await self._probe(check)
+
+        return list(await asyncio.gather(*(one(c) for c in self._ordered)))
+
+    async def run(self) -> None:
+        """Probe rounds until cancelled."""
+        loop = asyncio.get_running_loop()
+        interval = self._settings.interval
+        start = loop.time()
+        k = 0
+        while True:
+            round_start = start + k * interval
+            if self._metrics:
+                self._metrics.rounds.inc()
+            for check in list(self._checks):
+                delay = round_start + self._offsets.get(check, 0.0) - loop.time()
+                if delay > _MIN_SLEEP:
+                    await asyncio.sleep(delay)
+                await self._semaphore.acquire()
+                task = asyncio.create_task(self._probe_in_slot(check))
+                self._inflight.add(task)
+                task.add_done_callback(self._inflight.discard)
+            k += 1
+            now = loop.time()
+            if now > start + k * interval:
+                missed = int((now - start) / interval) + 1 - k
+                log.warning(
+                    "probe round overran its interval: %d round(s) skipped "
+                    "(raise --concurrency or --interval)",
+                    missed,
+                )
+                if self._metrics:
+                    self._metrics.round_overruns.inc(missed)
+                k += missed
+            await asyncio.sleep(max(0.0, start + k * interval - loop.time()))
+
+    async def _probe_in_slot(self, check: Check) -> None:
+        try:
+            await self._probe(check)
+        finally:
+            self._semaphore.release()
+
+    async def drain(self) -> None:
+        """Let in-flight probes finish (each is bounded by the timeout), then stop."""
+        if self._inflight:
+            _, pending = await asyncio.wait(
+                set(self._inflight), timeout=self._settings.timeout + 1.0
+            )
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)

@@ -1,0 +1,135 @@
+"""The target model: what gets probed, with the labels it carries into every series.
+
+A `Target` is one DNS server address; a `Check` is a target asked one query over one
+protocol, the unit the scheduler runs and the collector exports. Static targets come from
+`--server` or from the resolver configuration; Kubernetes targets come from discovery.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
+
+from .probe import Protocol, Query
+
+# Labels on every per-target series, in exposition order; DESIGN.md fixes the set.
+TARGET_LABELS = ("kind", "namespace", "service", "pod", "node", "address", "protocol", "query")
+
+
+class Kind(enum.StrEnum):
+    SERVICE = "service"
+    POD = "pod"
+    NODEPORT = "nodeport"
+    LOADBALANCER = "loadbalancer"
+    STATIC = "static"
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    host: str
+    port: int
+
+    @property
+    def address(self) -> str:
+        """`ip:port`, with brackets around IPv6 addresses."""
+        if ":" in self.host:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    kind: Kind
+    endpoint: Endpoint
+    namespace: str = ""
+    service: str = ""
+    pod: str = ""
+    node: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    target: Target
+    protocol: Protocol
+    query: Query
+
+    def label_values(self) -> tuple[str, ...]:
+        """Values for `TARGET_LABELS`, in that order."""
+        t = self.target
+        return (
+            t.kind.value,
+            t.namespace,
+            t.service,
+            t.pod,
+            t.node,
+            t.endpoint.address,
+            self.protocol.value,
+            self.query.label,
+        )
+
+
+def parse_endpoint(text: str, default_port: int) -> Endpoint:
+    """Parse `IP`, `IP:PORT`, `[IPv6]` or `[IPv6]:PORT`; raise ValueError with the reason.
+
+    Host names are refused on purpose: a DNS prober that needs DNS to find the servers it
+    checks fails exactly when it is needed.
+    """
+    text = text.strip()
+    host, port_text = text, ""
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ValueError(f"{text!r}: missing ']' after the IPv6 address")
+        host, rest = text[1:end], text[end + 1 :]
+        if rest:
+            if not rest.startswith(":"):
+                raise ValueError(f"{text!r}: expected ':PORT' after ']'")
+            port_text = rest[1:]
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is not an IP address (host names are not resolved: "
+            "a DNS prober must not need DNS to find its targets)"
+        ) from None
+    port = default_port
+    if port_text:
+        if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+            raise ValueError(f"{text!r}: port must be a number from 1 to 65535")
+        port = int(port_text)
+    return Endpoint(str(ip), port)
+
+
+def read_resolv_conf(path: Path) -> list[Endpoint]:
+    """The `nameserver` entries of a resolv.conf, as port-53 endpoints, in file order.
+
+    Entries that are not IP addresses are skipped, as the C library skips them; a zone
+    index (`fe80::1%eth0`) is dropped because it cannot be probed portably.
+    """
+    endpoints: list[Endpoint] = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        fields = line.split()
+        if len(fields) >= 2 and fields[0] == "nameserver":
+            host = fields[1].split("%", 1)[0]
+            try:
+                endpoints.append(Endpoint(str(ipaddress.ip_address(host)), 53))
+            except ValueError:
+                continue
+    return endpoints
+
+
+def static_targets(endpoints: list[Endpoint] | tuple[Endpoint, ...]) -> list[Target]:
+    seen: dict[Endpoint, Target] = {}
+    for endpoint in endpoints:
+        seen.setdefault(endpoint, Target(Kind.STATIC, endpoint))
+    return list(seen.values())
+
+
+def expand_checks(
+    targets: list[Target], protocols: tuple[Protocol, ...], queries: tuple[Query, ...]
+) -> list[Check]:
+    return [Check(t, p, q) for t in targets for p in protocols for q in queries]
