@@ -1,0 +1,63 @@
+"""Shared fixtures: the CoreDNS binary, CoreDNS servers with a chosen behaviour, namespaces."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.harness import coredns
+from tests.harness.components import can_use_netns, coredns_binary, missing
+from tests.harness.netns import NetNS
+
+
+@pytest.fixture(scope="session")
+def coredns_bin() -> Path:
+    binary = coredns_binary()
+    if binary is None:
+        missing("CoreDNS", "run scripts/install-test-tools (go install, cached)")
+        raise AssertionError("unreachable")
+    return binary
+
+
+StartDNS = Callable[..., coredns.CoreDNS]
+
+
+@pytest.fixture
+def start_dns(coredns_bin: Path, tmp_path: Path) -> Iterator[StartDNS]:
+    """Start CoreDNS servers for one test; every one is stopped by its PID afterwards."""
+    servers: list[coredns.CoreDNS] = []
+
+    def start(behaviour: coredns.Behaviour = coredns.Behaviour.HEALTHY, **kw: Any) -> coredns.CoreDNS:
+        server = coredns.start(coredns_bin, tmp_path / "coredns", behaviour, **kw)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def healthy_dns(start_dns: StartDNS) -> coredns.CoreDNS:
+    return start_dns(coredns.Behaviour.HEALTHY)
+
+
+@pytest.fixture
+def netns() -> Iterator[Callable[[str], NetNS]]:
+    """Make network namespaces for one test; all are deleted afterwards."""
+    reason = can_use_netns()
+    if reason:
+        missing("network namespaces", reason)
+    made: list[NetNS] = []
+
+    def make(purpose: str) -> NetNS:
+        ns = NetNS(purpose)
+        made.append(ns)
+        return ns
+
+    yield make
+    for ns in made:
+        ns.delete()

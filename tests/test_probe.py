@@ -1,0 +1,282 @@
+"""The probe engine against real CoreDNS servers: every outcome, over UDP and TCP.
+
+Stray and spoofed datagrams come from a small UDP peer in the test itself, since no
+honest DNS server sends them; everything else is a real CoreDNS process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import cast
+
+import dns.flags
+import dns.message
+import dns.name
+import dns.rcode
+import dns.rrset
+import pytest
+
+from exporter.probe import Outcome, Protocol, Query, evaluate, probe
+from tests.conftest import StartDNS
+from tests.harness.coredns import (
+    ERRATIC_IP,
+    KUBERNETES_IP,
+    KUBERNETES_NAME,
+    WRONG_IP,
+    Behaviour,
+    CoreDNS,
+)
+
+KUBERNETES = Query("kubernetes", KUBERNETES_NAME + ".", "A", (KUBERNETES_IP,))
+ANY_A = Query("kubernetes", KUBERNETES_NAME + ".", "A")
+BOTH = list(Protocol)
+
+
+@pytest.mark.parametrize("protocol", BOTH)
+async def test_healthy_server_passes_with_the_expected_answer(
+    healthy_dns: CoreDNS, protocol: Protocol
+) -> None:
+    result = await probe(healthy_dns.host, healthy_dns.port, protocol, KUBERNETES, 1.0)
+    assert result.outcome is Outcome.SUCCESS, result.reason
+    assert result.rcode == "NOERROR"
+    assert result.answers == (KUBERNETES_IP,)
+    assert result.rtt_seconds is not None and 0 < result.rtt_seconds < 1.0
+
+
+@pytest.mark.parametrize("protocol", BOTH)
+async def test_wrong_answer_is_reported_with_what_came_back(
+    start_dns: StartDNS, protocol: Protocol
+) -> None:
+    server = start_dns(Behaviour.WRONG_ANSWER)
+    result = await probe(server.host, server.port, protocol, KUBERNETES, 1.0)
+    assert result.outcome is Outcome.WRONG_ANSWER
+    assert KUBERNETES_IP in result.reason and WRONG_IP in result.reason
+    assert result.answers == (WRONG_IP,)
+
+
+async def test_without_expectation_any_record_of_the_type_passes(start_dns: StartDNS) -> None:
+    server = start_dns(Behaviour.WRONG_ANSWER)
+    result = await probe(server.host, server.port, Protocol.UDP, ANY_A, 1.0)
+    assert result.outcome is Outcome.SUCCESS
+
+
+async def test_nodata_is_a_wrong_answer(healthy_dns: CoreDNS) -> None:
+    aaaa = Query("kubernetes/AAAA", KUBERNETES_NAME + ".", "AAAA")
+    result = await probe(healthy_dns.host, healthy_dns.port, Protocol.UDP, aaaa, 1.0)
+    assert result.outcome is Outcome.WRONG_ANSWER
+    assert result.rcode == "NOERROR"
+    assert "no AAAA record" in result.reason
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "rcode"), [(Behaviour.SERVFAIL, "SERVFAIL"), (Behaviour.NXDOMAIN, "NXDOMAIN")]
+)
+@pytest.mark.parametrize("protocol", BOTH)
+async def test_error_rcodes_fail_as_rcode(
+    start_dns: StartDNS, behaviour: Behaviour, rcode: str, protocol: Protocol
+) -> None:
+    server = start_dns(behaviour)
+    result = await probe(server.host, server.port, protocol, KUBERNETES, 1.0)
+    assert result.outcome is Outcome.RCODE
+    assert result.rcode == rcode
+    assert rcode in result.reason
+
+
+async def test_truncated_udp_response_is_truncated(start_dns: StartDNS) -> None:
+    server = start_dns(Behaviour.TRUNCATE)
+    result = await probe(server.host, server.port, Protocol.UDP, ANY_A, 1.0)
+    assert result.outcome is Outcome.TRUNCATED
+    assert "TC" in result.reason
+    # Over TCP the same server's answer is whole and judged on its content.
+    tcp = await probe(server.host, server.port, Protocol.TCP, ANY_A, 1.0)
+    assert tcp.outcome is Outcome.SUCCESS
+    assert tcp.answers == (ERRATIC_IP,)
+
+
+@pytest.mark.parametrize("protocol", BOTH)
+async def test_answer_slower_than_the_timeout_is_a_timeout(
+    start_dns: StartDNS, protocol: Protocol
+) -> None:
+    server = start_dns(Behaviour.SLOW, delay="1500ms")
+    result = await probe(server.host, server.port, protocol, ANY_A, 0.3)
+    assert result.outcome is Outcome.TIMEOUT
+    assert result.rtt_seconds is None
+    assert "0.3s" in result.reason
+
+
+async def test_answer_just_under_the_timeout_passes(start_dns: StartDNS) -> None:
+    server = start_dns(Behaviour.SLOW, delay="200ms")
+    result = await probe(server.host, server.port, Protocol.UDP, ANY_A, 1.0)
+    assert result.outcome is Outcome.SUCCESS
+    assert result.rtt_seconds is not None and result.rtt_seconds >= 0.2
+
+
+@pytest.mark.parametrize("protocol", BOTH)
+async def test_closed_port_is_unreachable_not_a_timeout(
+    healthy_dns: CoreDNS, protocol: Protocol
+) -> None:
+    # Same address as a live server, a port nobody listens on: ICMP port-unreachable for
+    # UDP, RST for TCP, both answered at once by the kernel.
+    result = await probe(healthy_dns.host, healthy_dns.port + 1, protocol, ANY_A, 1.0)
+    assert result.outcome is Outcome.UNREACHABLE
+    assert "refused" in result.reason
+
+
+async def test_invalid_host_is_an_error_not_an_exception() -> None:
+    result = await probe("not-an-ip", 53, Protocol.UDP, ANY_A, 0.5)
+    assert result.outcome is Outcome.ERROR
+
+
+async def test_trace_records_the_exchange(healthy_dns: CoreDNS) -> None:
+    trace: list[str] = []
+    await probe(healthy_dns.host, healthy_dns.port, Protocol.UDP, KUBERNETES, 1.0, trace=trace)
+    text = "\n".join(trace)
+    assert "sending A kubernetes.default.svc.cluster.local." in text
+    assert "outcome success" in text
+
+
+# --- stray, spoofed and malformed datagrams, from a UDP peer the test controls ---
+
+Reply = Callable[[bytes], list[bytes]]
+
+
+class _Peer(asyncio.DatagramProtocol):
+    def __init__(self, reply: Reply) -> None:
+        self.reply = reply
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        assert self.transport is not None
+        for datagram in self.reply(data):
+            self.transport.sendto(datagram, addr)
+
+
+PeerFactory = Callable[[Reply], Awaitable[tuple[str, int]]]
+
+
+@pytest.fixture
+async def peer() -> AsyncIterator[PeerFactory]:
+    transports: list[asyncio.DatagramTransport] = []
+
+    async def start(reply: Reply) -> tuple[str, int]:
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.create_datagram_endpoint(
+            lambda: _Peer(reply), local_addr=("127.0.0.1", 0), family=socket.AF_INET
+        )
+        transports.append(transport)
+        host, port = transport.get_extra_info("sockname")[:2]
+        return str(host), int(port)
+
+    yield start
+    for transport in transports:
+        transport.close()
+
+
+def _answer(query_wire: bytes, ip: str = KUBERNETES_IP, qname: str | None = None) -> bytes:
+    query = dns.message.from_wire(query_wire)
+    response = dns.message.make_response(query)
+    name = qname or query.question[0].name.to_text()
+    response.answer.append(dns.rrset.from_text(name, 5, "IN", "A", ip))
+    if qname:
+        response.question[0] = dns.rrset.RRset(
+            dns.name.from_text(qname), query.question[0].rdclass, query.question[0].rdtype
+        )
+    return response.to_wire()
+
+
+def _with_id(wire: bytes, new_id: int) -> bytes:
+    return struct.pack("!H", new_id) + wire[2:]
+
+
+async def test_datagram_with_wrong_id_is_ignored_and_the_real_answer_accepted(peer: PeerFactory) -> None:
+    def reply(query: bytes) -> list[bytes]:
+        (qid,) = struct.unpack("!H", query[:2])
+        spoofed = _with_id(_answer(query, WRONG_IP), (qid + 1) % 65536)
+        return [spoofed, _answer(query)]
+
+    host, port = await peer(reply)
+    result = await probe(host, port, Protocol.UDP, KUBERNETES, 1.0)
+    assert result.outcome is Outcome.SUCCESS
+    assert result.answers == (KUBERNETES_IP,)
+
+
+async def test_only_spoofed_datagrams_time_out_and_say_so(peer: PeerFactory) -> None:
+    def reply(query: bytes) -> list[bytes]:
+        (qid,) = struct.unpack("!H", query[:2])
+        return [_with_id(_answer(query), (qid + 1) % 65536)]
+
+    host, port = await peer(reply)
+    result = await probe(host, port, Protocol.UDP, KUBERNETES, 0.3)
+    assert result.outcome is Outcome.TIMEOUT
+    assert "ignored 1 non-matching datagram" in result.reason
+
+
+async def test_response_to_another_question_is_ignored(peer: PeerFactory) -> None:
+    def reply(query: bytes) -> list[bytes]:
+        return [_answer(query, WRONG_IP, qname="evil.example.")]
+
+    host, port = await peer(reply)
+    result = await probe(host, port, Protocol.UDP, KUBERNETES, 0.3)
+    assert result.outcome is Outcome.TIMEOUT
+    assert "question does not match" in result.reason
+
+
+async def test_malformed_response_with_our_id_is_an_error(peer: PeerFactory) -> None:
+    def reply(query: bytes) -> list[bytes]:
+        return [query[:2] + b"\x81\x80\x00\x01\x00\x05"]  # header cut short
+
+    host, port = await peer(reply)
+    result = await probe(host, port, Protocol.UDP, KUBERNETES, 1.0)
+    assert result.outcome is Outcome.ERROR
+    assert "malformed" in result.reason
+
+
+# --- evaluate(), the pure judgement ---
+
+
+def _response(
+    rcode: int = dns.rcode.NOERROR, ips: tuple[str, ...] = (), tc: bool = False
+) -> dns.message.Message:
+    query = dns.message.make_query(KUBERNETES_NAME, "A")
+    response = dns.message.make_response(query)
+    response.set_rcode(rcode)
+    if ips:
+        response.answer.append(dns.rrset.from_text(KUBERNETES_NAME + ".", 5, "IN", "A", *ips))
+    if tc:
+        response.flags |= dns.flags.TC
+    return response
+
+
+def test_evaluate_requires_every_expected_value() -> None:
+    query = Query("q", KUBERNETES_NAME + ".", "A", ("10.0.0.1", "10.0.0.2"))
+    outcome, reason, _ = evaluate(query, _response(ips=("10.0.0.1",)), Protocol.UDP)
+    assert outcome is Outcome.WRONG_ANSWER and "10.0.0.2" in reason
+    outcome, _, answers = evaluate(query, _response(ips=("10.0.0.2", "10.0.0.1")), Protocol.UDP)
+    assert outcome is Outcome.SUCCESS and set(answers) == {"10.0.0.1", "10.0.0.2"}
+
+
+def test_evaluate_compares_addresses_not_spellings() -> None:
+    query = Query("q", KUBERNETES_NAME + ".", "AAAA", ("2001:db8:0:0::1",))
+    response = _response()
+    response.answer.append(
+        dns.rrset.from_text(KUBERNETES_NAME + ".", 5, "IN", "AAAA", "2001:db8::1")
+    )
+    assert evaluate(query, response, Protocol.UDP)[0] is Outcome.SUCCESS
+
+
+def test_evaluate_tc_only_matters_over_udp() -> None:
+    response = _response(ips=(KUBERNETES_IP,), tc=True)
+    assert evaluate(KUBERNETES, response, Protocol.UDP)[0] is Outcome.TRUNCATED
+    assert evaluate(KUBERNETES, response, Protocol.TCP)[0] is Outcome.SUCCESS
+
+
+def test_evaluate_rcode_wins_over_answers() -> None:
+    response = _response(rcode=dns.rcode.SERVFAIL, ips=(KUBERNETES_IP,))
+    outcome, reason, _ = evaluate(KUBERNETES, response, Protocol.UDP)
+    assert outcome is Outcome.RCODE and reason == "rcode SERVFAIL"
