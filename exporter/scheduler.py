@@ -60,6 +60,10 @@ class Scheduler:
         self.targets = list(targets)
         self._store.retain(checks)
 
+    def offset(self, check: Check) -> float:
+        """Seconds after each round's start at which `check` is probed."""
+        return self._offsets[check]
+
     def _fraction(self, check: Check) -> float:
         key = "\0".join(check.label_values()).encode()
         return (zlib.crc32(key, self._seed) & 0xFFFFFFFF) / 2**32

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,18 @@ import pytest
 from tests.harness import coredns
 from tests.harness.components import can_use_netns, coredns_binary, missing
 from tests.harness.netns import NetNS
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_ambient_kubernetes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Tests (and the exporters they start) must not find a developer's own cluster."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HOME", str(tmp_path_factory.mktemp("home")))
+        for name in ("KUBECONFIG", "KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT"):
+            mp.delenv(name, raising=False)
+        for name in [n for n in os.environ if n.startswith("DNSPROBE_")]:
+            mp.delenv(name)
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -30,7 +43,9 @@ def start_dns(coredns_bin: Path, tmp_path: Path) -> Iterator[StartDNS]:
     """Start CoreDNS servers for one test; every one is stopped by its PID afterwards."""
     servers: list[coredns.CoreDNS] = []
 
-    def start(behaviour: coredns.Behaviour = coredns.Behaviour.HEALTHY, **kw: Any) -> coredns.CoreDNS:
+    def start(
+        behaviour: coredns.Behaviour = coredns.Behaviour.HEALTHY, **kw: Any
+    ) -> coredns.CoreDNS:
         server = coredns.start(coredns_bin, tmp_path / "coredns", behaviour, **kw)
         servers.append(server)
         return server

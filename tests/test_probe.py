@@ -194,7 +194,7 @@ def _with_id(wire: bytes, new_id: int) -> bytes:
     return struct.pack("!H", new_id) + wire[2:]
 
 
-async def test_datagram_with_wrong_id_is_ignored_and_the_real_answer_accepted(peer: PeerFactory) -> None:
+async def test_wrong_id_is_ignored_and_the_real_answer_accepted(peer: PeerFactory) -> None:
     def reply(query: bytes) -> list[bytes]:
         (qid,) = struct.unpack("!H", query[:2])
         spoofed = _with_id(_answer(query, WRONG_IP), (qid + 1) % 65536)
@@ -241,7 +241,7 @@ async def test_malformed_response_with_our_id_is_an_error(peer: PeerFactory) -> 
 
 
 def _response(
-    rcode: int = dns.rcode.NOERROR, ips: tuple[str, ...] = (), tc: bool = False
+    rcode: dns.rcode.Rcode = dns.rcode.NOERROR, ips: tuple[str, ...] = (), tc: bool = False
 ) -> dns.message.Message:
     query = dns.message.make_query(KUBERNETES_NAME, "A")
     response = dns.message.make_response(query)

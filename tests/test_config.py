@@ -1,0 +1,203 @@
+"""Configuration: flags, environment and YAML merge in that order; every bad value is
+reported, all at once, naming where it came from; the CLI turns that into exit 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from exporter.config import (
+    ConfigError,
+    LogFormat,
+    Remediation,
+    load,
+    parse_duration,
+)
+from exporter.probe import Protocol
+
+
+def problems(argv: list[str], env: dict[str, str] | None = None) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        load(argv, env or {})
+    return info.value.problems
+
+
+def test_defaults_match_the_contract() -> None:
+    s = load([], {})
+    assert s.command == "serve"
+    assert s.discovery.namespace == "kube-system"
+    assert s.discovery.service == "kube-dns"
+    assert s.discovery.dns_port == 53
+    assert s.discovery.cluster_domain == "cluster.local"
+    assert s.probe.protocols == (Protocol.UDP, Protocol.TCP)
+    assert s.probe.timeout == 1.0
+    assert s.probe.interval == 5.0
+    assert s.remediation.mode is Remediation.DRY_RUN
+    assert s.remediation.min_ready == 1
+    assert s.remediation.cooldown == 300.0
+    assert s.remediation.allow_delete is False
+    assert s.log_format is LogFormat.TEXT
+    assert (s.http.host, s.http.port) == ("", 9953)
+
+
+def test_flags_parse_into_settings() -> None:
+    s = load(
+        ["check", "--server", "127.0.0.1:1053", "--server", "[::1]", "--protocol", "udp",
+         "--timeout", "250ms", "--query", "example.org/AAAA", "--expect", "2001:db8::1",
+         "--query", "a.example", "--expect", "10.0.0.1", "--expect", "10.0.0.2", "--json"],
+        {},
+    )
+    assert s.command == "check" and s.json_output
+    assert [e.address for e in s.discovery.servers] == ["127.0.0.1:1053", "[::1]:53"]
+    assert s.probe.protocols == (Protocol.UDP,)
+    assert s.probe.timeout == 0.25
+    assert [(q.label, q.qname, q.rdtype, q.expect) for q in s.probe.queries] == [
+        ("example.org/AAAA", "example.org.", "AAAA", ("2001:db8::1",)),
+        ("a.example", "a.example.", "A", ("10.0.0.1", "10.0.0.2")),
+    ]
+
+
+def test_flags_win_over_environment_which_wins_over_the_file(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("timeout: 2\ninterval: 10\nnamespace: from-file\nlog-format: json\n")
+    s = load(
+        ["--config", str(config), "--timeout", "3"],
+        {"DNSPROBE_INTERVAL": "20", "DNSPROBE_TIMEOUT": "4"},
+    )
+    assert s.probe.timeout == 3.0  # flag
+    assert s.probe.interval == 20.0  # environment
+    assert s.discovery.namespace == "from-file"  # file
+    assert s.log_format is LogFormat.JSON
+
+
+def test_yaml_queries_take_names_types_and_expectations(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "query:\n  - example.org\n  - name: svc.example\n    type: AAAA\n    expect: ['::1']\n"
+    )
+    s = load(["--config", str(config)], {})
+    assert [(q.label, q.expect) for q in s.probe.queries] == [
+        ("example.org", ()),
+        ("svc.example/AAAA", ("::1",)),
+    ]
+
+
+def test_every_bad_value_is_reported_at_once_naming_its_source(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("dns-port: 70000\nnamespace: Not_Valid\nprotocol: sctp\n")
+    found = problems(
+        ["--config", str(config), "--timeout", "soon", "--server", "dns.example",
+         "--remediation", "reboot"],
+        {"DNSPROBE_MIN_READY": "-1"},
+    )
+    joined = "\n".join(found)
+    assert len(found) == 7, joined
+    assert f"{config}: dns-port: expected a whole number from 1 to 65535" in joined
+    assert f"{config}: namespace: 'Not_Valid' is not a valid Kubernetes name" in joined
+    assert f"{config}: protocol: expected udp, tcp or both" in joined
+    assert "--timeout: expected a duration" in joined
+    assert "--server: 'dns.example' is not an IP address" in joined
+    assert "--remediation: expected one of off, dry-run, evict" in joined
+    assert "$DNSPROBE_MIN_READY: expected a whole number from 0 to 1000" in joined
+
+
+def test_unknown_yaml_key_is_an_error_with_a_suggestion(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("dns_port: 53\nfrobnicate: true\n")
+    found = problems(["--config", str(config)])
+    assert f"{config}: unknown key 'dns_port' (did you mean 'dns-port'?)" in found
+    assert any("unknown key 'frobnicate'" in p for p in found)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("timeout: [1\n", "not valid YAML at line"),
+        ("- just\n- a list\n", "expected a mapping of keys"),
+    ],
+)
+def test_unparseable_config_file_is_reported(tmp_path: Path, text: str, expected: str) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(text)
+    assert expected in "\n".join(problems(["--config", str(config)]))
+
+
+def test_missing_config_file_is_reported(tmp_path: Path) -> None:
+    assert "cannot read" in problems(["--config", str(tmp_path / "nope.yaml")])[0]
+
+
+def test_expect_without_a_query_is_an_error() -> None:
+    assert "there is no --query before it" in problems(["--expect", "10.0.0.1"])[0]
+
+
+def test_timeout_must_be_shorter_than_interval_for_serve() -> None:
+    assert "must be shorter than interval" in problems(["--timeout", "5", "--interval", "5"])[0]
+    # `check` runs one round: no interval to overlap.
+    assert load(["check", "--timeout", "5", "--server", "127.0.0.1"], {}).probe.timeout == 5.0
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--query", "bad..name"], "not a valid domain name"),
+        (["--query", "example.org/BOGUS"], "type must be one of"),
+        (["--query", "a.example", "--query", "a.example"], "duplicate queries: a.example"),
+        (["--query", "kubernetes"], "taken by the default query"),
+        (["--listen", "nope"], "expected HOST:PORT"),
+        (["--interval", "0"], "must be greater than zero"),
+        (["--cooldown=-5m"], "expected a duration"),
+        (["--concurrency", "0"], "from 1 to 10000"),
+        (["--cluster-domain", "bad_domain"], "not a valid domain name"),
+        (["--server", "127.0.0.1:0"], "port must be a number from 1 to 65535"),
+        (["--server", "[::1"], "missing ']'"),
+        (["--log-format", "xml"], "expected one of text, json"),
+    ],
+)
+def test_invalid_values(argv: list[str], expected: str) -> None:
+    assert expected in "\n".join(problems(argv))
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("1.5", 1.5), ("500ms", 0.5), ("30s", 30.0), ("5m", 300.0), ("1h30m", 5400.0), (2, 2.0)],
+)
+def test_durations(text: str | int, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+def test_effective_config_is_plain_data() -> None:
+    s = load(["--server", "127.0.0.1:1053"], {})
+    effective = s.effective()
+    assert effective["discovery"]["servers"] == ["127.0.0.1:1053"]
+    assert effective["remediation"]["mode"] == "dry-run"
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "exporter", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_cli_reports_config_errors_with_exit_2_and_no_traceback() -> None:
+    proc = run_cli("check", "--timeout", "x", "--server", "nope")
+    assert proc.returncode == 2
+    assert "configuration error" in proc.stderr
+    assert "--timeout: expected a duration" in proc.stderr
+    assert "--server: 'nope' is not an IP address" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_unknown_flag_is_a_usage_error_with_exit_2() -> None:
+    proc = run_cli("check", "--no-such-flag")
+    assert proc.returncode == 2
+    assert "unrecognized arguments: --no-such-flag" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_missing_kubeconfig_is_a_config_error(tmp_path: Path) -> None:
+    proc = run_cli("check", "--kubeconfig", str(tmp_path / "absent"))
+    assert proc.returncode == 2
+    assert "no such file" in proc.stderr

@@ -1,0 +1,235 @@
+"""`serve` as a real process: scraped over HTTP, its series carry every target label and
+follow what real CoreDNS servers do; /probe, health, readiness, the status page, and a
+clean exit on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterator
+
+import aiohttp
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
+
+from exporter.targets import TARGET_LABELS
+from tests.conftest import StartDNS
+from tests.harness.coredns import Behaviour, CoreDNS
+from tests.harness.exporter import Exporter
+from tests.harness.netns import NetNS
+
+
+def samples(text: str) -> list[Sample]:
+    return [s for family in text_string_to_metric_families(text) for s in family.samples]
+
+
+def value(text: str, name: str, **labels: str) -> float | None:
+    for s in samples(text):
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+            return s.value
+    return None
+
+
+async def scrape(
+    url: str, path: str = "/metrics", headers: dict[str, str] | None = None
+) -> tuple[int, str, str]:
+    async with aiohttp.ClientSession() as session, session.get(url + path, headers=headers) as resp:
+        return resp.status, resp.headers.get("Content-Type", ""), await resp.text()
+
+
+async def scrape_until(url: str, ready: Callable[[str], bool], deadline: float = 20) -> str:
+    """Scrape until `ready(body)` holds: an event to wait for, not a fixed sleep."""
+    end = time.monotonic() + deadline
+    while True:
+        _, _, body = await scrape(url)
+        if ready(body) or time.monotonic() > end:
+            return body
+        await _tick()
+
+
+async def _tick() -> None:
+    await asyncio.sleep(0.1)
+
+
+@pytest.fixture
+def two_servers(start_dns: StartDNS) -> tuple[CoreDNS, CoreDNS]:
+    return start_dns(Behaviour.HEALTHY), start_dns(Behaviour.SERVFAIL)
+
+
+@pytest.fixture
+def exporter(two_servers: tuple[CoreDNS, CoreDNS]) -> Iterator[Exporter]:
+    healthy, broken = two_servers
+    proc = Exporter(
+        ["--server", healthy.address, "--server", broken.address,
+         "--interval", "0.5", "--timeout", "0.3"]
+    )
+    yield proc
+    proc.stop()
+
+
+def _all_probed(body: str) -> bool:
+    return sum(1 for s in samples(body) if s.name == "dnsprobe_success") == 4 and all(
+        (value(body, "dnsprobe_duration_seconds_count", address=a) or 0) >= 1
+        for a in {s.labels["address"] for s in samples(body) if s.name == "dnsprobe_success"}
+    )
+
+
+async def test_scrape_shows_per_target_series_with_every_label(
+    exporter: Exporter, two_servers: tuple[CoreDNS, CoreDNS]
+) -> None:
+    healthy, broken = two_servers
+    body = await scrape_until(exporter.url, _all_probed)
+    assert _all_probed(body), body
+    for proto in ("udp", "tcp"):
+        assert value(body, "dnsprobe_success", address=healthy.address, protocol=proto) == 1
+        assert value(body, "dnsprobe_success", address=broken.address, protocol=proto) == 0
+        ok = value(body, "dnsprobe_probes_total", address=healthy.address, protocol=proto,
+                   result="success")
+        assert ok is not None and ok >= 1
+        rcode = value(body, "dnsprobe_probes_total", address=broken.address, protocol=proto,
+                      result="rcode")
+        assert rcode is not None and rcode >= 1
+    expected = {"kind": "static", "namespace": "", "service": "", "pod": "", "node": "",
+                "query": "kubernetes"}
+    per_target = [s for s in samples(body) if s.name.startswith("dnsprobe_")
+                  and "address" in s.labels]
+    names = {s.name for s in per_target}
+    assert {"dnsprobe_success", "dnsprobe_probes_total", "dnsprobe_duration_seconds_bucket",
+            "dnsprobe_duration_seconds_sum", "dnsprobe_duration_seconds_count"} <= names
+    for s in per_target:
+        assert set(TARGET_LABELS) <= set(s.labels), s
+        assert {k: s.labels[k] for k in expected} == expected
+    # every outcome is exported from the start, so rate() sees the first failure
+    results = {s.labels["result"] for s in per_target if s.name == "dnsprobe_probes_total"}
+    assert results == {"success", "timeout", "unreachable", "rcode", "wrong_answer",
+                       "truncated", "error"}
+    inf = value(body, "dnsprobe_duration_seconds_bucket", address=healthy.address,
+                protocol="udp", le="+Inf")
+    count = value(body, "dnsprobe_duration_seconds_count", address=healthy.address,
+                  protocol="udp")
+    assert inf == count and count is not None and count >= 1
+    assert value(body, "dnsprobe_build_info") == 1
+
+
+async def test_openmetrics_when_asked(exporter: Exporter) -> None:
+    status, ctype, body = await scrape(
+        exporter.url, headers={"Accept": "application/openmetrics-text; version=1.0.0"}
+    )
+    assert status == 200
+    assert ctype.startswith("application/openmetrics-text")
+    assert body.rstrip().endswith("# EOF")
+
+
+async def test_probe_endpoint_runs_one_probe(
+    exporter: Exporter, two_servers: tuple[CoreDNS, CoreDNS]
+) -> None:
+    healthy, broken = two_servers
+    status, _, body = await scrape(exporter.url, f"/probe?target={healthy.address}&protocol=tcp")
+    assert status == 200
+    assert value(body, "dnsprobe_success") == 1
+    assert (value(body, "dnsprobe_duration_seconds") or 0) > 0
+    status, _, body = await scrape(exporter.url, f"/probe?target={broken.address}")
+    assert value(body, "dnsprobe_success") == 0
+    assert value(body, "dnsprobe_outcome", result="rcode", rcode="SERVFAIL") == 1
+
+
+async def test_probe_debug_shows_log_metrics_and_settings(
+    exporter: Exporter, two_servers: tuple[CoreDNS, CoreDNS]
+) -> None:
+    healthy, _ = two_servers
+    status, _, body = await scrape(
+        exporter.url, f"/probe?target={healthy.address}&expect=10.96.0.1&debug=true"
+    )
+    assert status == 200
+    assert "Logs for the probe:" in body and "sending A kubernetes.default.svc" in body
+    assert "Metrics that would have been returned:" in body and "dnsprobe_success 1.0" in body
+    assert "expect: 10.96.0.1" in body and "protocol: udp" in body
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ("", "target: required"),
+        ("target=example.org", "is not an IP address"),
+        ("target=127.0.0.1&protocol=sctp", "expected udp or tcp"),
+        ("target=127.0.0.1&type=BOGUS", "type must be one of"),
+        ("target=127.0.0.1&timeout=900", "at most 30"),
+    ],
+)
+async def test_probe_endpoint_rejects_bad_requests(
+    exporter: Exporter, query: str, expected: str
+) -> None:
+    status, _, body = await scrape(exporter.url, f"/probe?{query}")
+    assert status == 400
+    assert expected in body
+
+
+async def test_health_readiness_and_status_page(
+    exporter: Exporter, two_servers: tuple[CoreDNS, CoreDNS]
+) -> None:
+    assert (await scrape(exporter.url, "/-/healthy"))[0] == 200
+    assert (await scrape(exporter.url, "/-/ready"))[0] == 200
+    await scrape_until(exporter.url, _all_probed)
+    status, ctype, page = await scrape(exporter.url, "/")
+    assert status == 200 and ctype.startswith("text/html")
+    for server in two_servers:
+        assert server.address in page
+    assert 'class="bad"' in page and 'class="ok"' in page
+
+
+async def test_start_up_logs_version_and_effective_config(exporter: Exporter) -> None:
+    start = next(r for r in exporter.logs if r.get("msg") == "starting coredns-health-exporter")
+    assert start["version"]
+    assert start["config"]["probe"]["interval"] == 0.5
+
+
+async def test_sigterm_shuts_down_cleanly(exporter: Exporter) -> None:
+    await scrape_until(exporter.url, _all_probed)
+    assert exporter.stop() == 0
+    assert exporter.messages()[-2:] == ["shutting down: finishing in-flight probes", "stopped"]
+    assert not any(r.get("level") == "error" for r in exporter.logs)
+
+
+def test_port_in_use_exits_1_with_a_clear_error(healthy_dns: CoreDNS) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(RuntimeError, match="exited with 1") as info:
+            Exporter(["--server", healthy_dns.address, "--listen", f"127.0.0.1:{port}"])
+    assert "cannot listen" in str(info.value)
+    assert "Traceback" not in str(info.value)
+
+
+_FETCH = (
+    "import sys, urllib.request; "
+    "sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=10).read().decode())"
+)
+
+
+def test_udp_dead_server_scraped_inside_its_namespace(
+    netns: Callable[[str], NetNS], start_dns: StartDNS
+) -> None:
+    ns = netns("serve")
+    server = start_dns(Behaviour.HEALTHY, netns=ns)
+    ns.drop("udp", server.port)
+    proc = Exporter(["--server", server.address, "--interval", "0.5", "--timeout", "0.3"],
+                    netns=ns)
+    try:
+        end = time.monotonic() + 20
+        while True:
+            fetched = ns.run([sys.executable, "-c", _FETCH, proc.url + "/metrics"])
+            body = fetched.stdout
+            timeouts = value(body, "dnsprobe_probes_total", protocol="udp", result="timeout")
+            if (timeouts or 0) >= 1 or time.monotonic() > end:
+                break
+        assert value(body, "dnsprobe_success", protocol="udp") == 0, body
+        assert value(body, "dnsprobe_success", protocol="tcp") == 1, body
+        assert (timeouts or 0) >= 1
+    finally:
+        assert proc.stop() == 0
+    assert json.dumps(proc.logs)  # logs are JSON lines throughout
