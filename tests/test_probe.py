@@ -227,6 +227,13 @@ async def test_response_to_another_question_is_ignored(peer: PeerFactory) -> Non
     assert "question does not match" in result.reason
 
 
+async def test_echoed_query_is_not_taken_for_a_response(peer: PeerFactory) -> None:
+    host, port = await peer(lambda query: [query])
+    result = await probe(host, port, Protocol.UDP, KUBERNETES, 0.3)
+    assert result.outcome is Outcome.TIMEOUT
+    assert "not a response" in result.reason
+
+
 async def test_malformed_response_with_our_id_is_an_error(peer: PeerFactory) -> None:
     def reply(query: bytes) -> list[bytes]:
         return [query[:2] + b"\x81\x80\x00\x01\x00\x05"]  # header cut short

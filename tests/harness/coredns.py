@@ -13,6 +13,7 @@ import itertools
 import os
 import subprocess
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,6 +101,7 @@ def start(
     host: str | None = None,
     port: int = DNS_PORT,
     delay: str = "1500ms",
+    extra_hosts: Sequence[str] = (),
     startup_timeout: float = 20.0,
 ) -> CoreDNS:
     """Start CoreDNS and return once it has printed its banner (it is then listening)."""
@@ -108,7 +110,8 @@ def start(
     zone, plugins = _plugins(behaviour, workdir / f"db.{host}.{port}", delay)
     corefile = workdir / f"Corefile.{host}.{port}"
     corefile.write_text(
-        f"{zone}:{port} {{\n  bind {host}\n  {plugins}\n}}\n", encoding="utf-8"
+        f"{zone}:{port} {{\n  bind {' '.join([host, *extra_hosts])}\n  {plugins}\n}}\n",
+        encoding="utf-8",
     )
     args = [str(binary), "-conf", str(corefile)]
     if netns is not None:
