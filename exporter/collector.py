@@ -69,6 +69,10 @@ class ResultStore:
             state.bucket_counts[bisect.bisect_left(BUCKETS, result.rtt_seconds)] += 1
             state.rtt_sum += result.rtt_seconds
 
+    def last(self, check: Check) -> ProbeResult | None:
+        state = self._states.get(check)
+        return state.last if state else None
+
     def latest(self) -> dict[Check, ProbeResult]:
         return {check: state.last for check, state in self._states.items()}
 

@@ -77,8 +77,21 @@ class Scheduler:
         except Exception as exc:  # a bug in one probe must not stop the rounds
             log.exception("probe of %s failed unexpectedly", endpoint.address)
             result = ProbeResult(Outcome.ERROR, f"internal error: {exc!r}")
+        previous = self._store.last(check)
         self._store.record(check, result)
         self.history.append((check, result))
+        if (previous.outcome if previous else Outcome.SUCCESS) is not result.outcome:
+            # Once per change, not per probe: a dead target must not flood the log.
+            log.log(
+                logging.INFO if result.ok else logging.WARNING,
+                "probe outcome changed",
+                extra={"fields": {
+                    "address": endpoint.address, "kind": check.target.kind.value,
+                    "pod": check.target.pod, "protocol": check.protocol.value,
+                    "query": check.query.label, "outcome": result.outcome.value,
+                    "reason": result.reason,
+                }},
+            )
         return result
 
     async def run_once(self) -> list[tuple[Check, ProbeResult]]:

@@ -233,3 +233,18 @@ def test_udp_dead_server_scraped_inside_its_namespace(
     finally:
         assert proc.stop() == 0
     assert json.dumps(proc.logs)  # logs are JSON lines throughout
+
+
+async def test_outcome_changes_are_logged_once_not_every_round(
+    exporter: Exporter, two_servers: tuple[CoreDNS, CoreDNS]
+) -> None:
+    healthy, broken = two_servers
+    body = await scrape_until(
+        exporter.url, lambda b: (value(b, "dnsprobe_rounds_total") or 0) >= 4
+    )
+    assert (value(body, "dnsprobe_rounds_total") or 0) >= 4
+    changes = [r for r in exporter.logs if r.get("msg") == "probe outcome changed"]
+    assert sorted((r["address"], r["protocol"], r["outcome"]) for r in changes) == [
+        (broken.address, "tcp", "rcode"), (broken.address, "udp", "rcode")
+    ]
+    assert all(r["level"] == "warning" and "SERVFAIL" in r["reason"] for r in changes)
