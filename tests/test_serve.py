@@ -238,7 +238,7 @@ def test_udp_dead_server_scraped_inside_its_namespace(
 async def test_outcome_changes_are_logged_once_not_every_round(
     exporter: Exporter, two_servers: tuple[CoreDNS, CoreDNS]
 ) -> None:
-    healthy, broken = two_servers
+    _, broken = two_servers
     body = await scrape_until(
         exporter.url, lambda b: (value(b, "dnsprobe_rounds_total") or 0) >= 4
     )
