@@ -205,9 +205,12 @@ async def probe(
         family = _family(host)
     except ValueError:
         return ProbeResult(Outcome.ERROR, f"not an IP address: {host!r}", started_at=started_at)
-    sock = socket.socket(
-        family, socket.SOCK_DGRAM if protocol is Protocol.UDP else socket.SOCK_STREAM
-    )
+    try:
+        sock = socket.socket(
+            family, socket.SOCK_DGRAM if protocol is Protocol.UDP else socket.SOCK_STREAM
+        )
+    except OSError as exc:  # out of file descriptors, most likely: say so, do not crash
+        return ProbeResult(Outcome.ERROR, f"cannot open a socket: {exc}", started_at=started_at)
     sock.setblocking(False)
     ignored: list[str] = []
     try:
