@@ -267,7 +267,9 @@ class _MalformedResponse(Exception):
 
 
 # Rcodes with which a server may omit the question (as dnspython's is_response allows).
-_QUESTIONLESS_RCODES = frozenset({1, 2, 4, 5})  # FORMERR, SERVFAIL, NOTIMP, REFUSED
+_QUESTIONLESS_RCODES = frozenset(
+    {dns.rcode.FORMERR, dns.rcode.SERVFAIL, dns.rcode.NOTIMP, dns.rcode.REFUSED}
+)
 
 
 def _parse(

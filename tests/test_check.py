@@ -61,7 +61,7 @@ def test_protocol_flag_limits_the_transports(healthy_dns: CoreDNS) -> None:
 
 
 def test_udp_dead_server_exits_1_with_udp_failing_and_tcp_passing(
-    coredns_bin: Path, tmp_path: Path, netns: Callable[[str], NetNS], start_dns: StartDNS
+    netns: Callable[[str], NetNS], start_dns: StartDNS
 ) -> None:
     ns = netns("udpdead")
     server = start_dns(Behaviour.HEALTHY, netns=ns)
