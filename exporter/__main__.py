@@ -17,9 +17,10 @@ from typing import Any
 from aiohttp import web
 
 from . import __version__, logs
-from .app import Plan, create_app, plan_targets
+from .app import Plan, create_app, default_query, plan_targets
 from .collector import ResultStore
 from .config import ConfigError, Settings, load
+from .discovery import DiscoveryError, discover_once
 from .probe import ProbeResult
 from .scheduler import Scheduler
 from .targets import TARGET_LABELS, Check
@@ -104,8 +105,19 @@ def format_table(rows: list[tuple[Check, ProbeResult]]) -> str:
 
 
 async def check(settings: Settings, plan: Plan) -> int:
+    targets, queries = plan.targets, plan.queries
+    if plan.client is not None:
+        try:
+            targets, queries = await discover_once(
+                settings, plan.client, lambda expect: default_query(settings, expect)
+            )
+        except DiscoveryError as exc:
+            print(f"coredns-health-exporter: cannot discover targets: {exc}", file=sys.stderr)
+            return EXIT_UNHEALTHY
+        finally:
+            plan.client.close()
     scheduler = Scheduler(settings.probe, ResultStore())
-    scheduler.set_targets(plan.targets, plan.queries)
+    scheduler.set_targets(targets, queries)
     rows = await scheduler.run_once()
     healthy = bool(rows) and all(result.ok for _, result in rows)
     if settings.json_output:

@@ -21,6 +21,7 @@ from prometheus_client.exposition import choose_encoder, generate_latest
 from . import __version__, kube
 from .collector import ResultStore, register
 from .config import DEFAULT_QUERY_LABEL, ConfigError, Settings, parse_query
+from .discovery import Discovery
 from .probe import Outcome, ProbeResult, Protocol, Query, probe
 from .scheduler import Scheduler
 from .targets import Check, Target, parse_endpoint, read_resolv_conf, static_targets
@@ -40,6 +41,8 @@ class Plan:
     targets: list[Target]
     queries: tuple[Query, ...]
     source: str
+    # Set when the targets come from Kubernetes discovery (then `targets` starts empty).
+    client: kube.Client | None = None
 
 
 @dataclass
@@ -49,8 +52,13 @@ class AppState:
     registry: CollectorRegistry
     store: ResultStore
     scheduler: Scheduler
-    ready: bool = False
+    discovery: Discovery | None = None
     started_at: float = field(default_factory=time.time)
+
+    @property
+    def ready(self) -> bool:
+        """Static targets are ready at once; discovered ones once discovery has synced."""
+        return self.discovery is None or self.discovery.synced
 
 
 STATE = web.AppKey("state", AppState)
@@ -80,11 +88,16 @@ def plan_targets(settings: Settings) -> Plan:
     except kube.KubeConfigError as exc:
         raise ConfigError([str(exc)]) from exc
     if found is not None:
-        raise ConfigError(
-            [
-                f"found a Kubernetes config ({found}), but Kubernetes discovery is not in this "
-                "version yet; pass --server HOST[:PORT] to probe DNS servers directly"
-            ]
+        try:
+            client = kube.Client.connect(found)
+        except kube.KubeConfigError as exc:
+            raise ConfigError([str(exc)]) from exc
+        return Plan(
+            [],
+            queries,
+            f"Kubernetes discovery of Service {d.namespace}/{d.service} and its pods "
+            f"(config: {found}, API server: {client.server})",
+            client,
         )
     path = Path(d.resolv_conf)
     try:
@@ -108,15 +121,24 @@ def plan_targets(settings: Settings) -> Plan:
 def create_app(settings: Settings, plan: Plan) -> web.Application:
     registry = CollectorRegistry()
     store = ResultStore()
-    metrics = register(registry, store)
+    holder: list[Discovery] = []
+    metrics = register(registry, store, lambda: holder[0].pod_ready if holder else {})
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     scheduler = Scheduler(settings.probe, store, metrics)
     scheduler.set_targets(plan.targets, plan.queries)
+    discovery = None
+    if plan.client is not None:
+        discovery = Discovery(
+            settings, plan.client, scheduler, metrics,
+            lambda expect: default_query(settings, expect),
+        )
+        holder.append(discovery)
+    else:
+        metrics.discovery_synced.set(1)
 
     app = web.Application(client_max_size=MAX_BODY)
-    # Static targets need no discovery: ready as soon as the app runs.
-    app[STATE] = AppState(settings, plan, registry, store, scheduler, ready=True)
+    app[STATE] = AppState(settings, plan, registry, store, scheduler, discovery)
     app.cleanup_ctx.append(_probe_loop)
     app.router.add_get("/", status_page)
     app.router.add_get("/metrics", metrics_handler)
@@ -127,13 +149,19 @@ def create_app(settings: Settings, plan: Plan) -> web.Application:
 
 
 async def _probe_loop(app: web.Application) -> AsyncIterator[None]:
-    scheduler = app[STATE].scheduler
-    task = asyncio.create_task(scheduler.run(), name="probe-rounds")
+    state = app[STATE]
+    tasks = [asyncio.create_task(state.scheduler.run(), name="probe-rounds")]
+    if state.discovery is not None:
+        tasks.append(asyncio.create_task(state.discovery.run(), name="discovery"))
     yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-    await scheduler.drain()
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    await state.scheduler.drain()
+    if state.plan.client is not None:
+        state.plan.client.close()
 
 
 async def metrics_handler(request: web.Request) -> web.Response:

@@ -10,7 +10,7 @@ outage. Process-level metrics (build info, rounds) are plain prometheus-client m
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -24,7 +24,7 @@ from prometheus_client.registry import Collector
 
 from . import __version__
 from .probe import Outcome, ProbeResult
-from .targets import TARGET_LABELS, Check
+from .targets import TARGET_LABELS, Check, Target
 
 # Latency buckets in seconds: a healthy cluster DNS answers in well under a millisecond
 # from a pod on the same node and a few milliseconds across nodes; the top buckets
@@ -118,6 +118,28 @@ class ProbeCollector(Collector):
         yield probes
 
 
+class TargetInfoCollector(Collector):
+    """`dnsprobe_target_info{ready}`: one series per pod target, from discovery."""
+
+    def __init__(self, source: Callable[[], Mapping[Target, bool]]) -> None:
+        self._source = source
+
+    def collect(self) -> Iterator[Metric]:
+        info = GaugeMetricFamily(
+            "dnsprobe_target_info",
+            "One per pod target; label ready is the pod's Ready condition.",
+            labels=[*TARGET_LABELS, "ready"],
+        )
+        for target, ready in list(self._source().items()):
+            t = target
+            info.add_metric(
+                [t.kind.value, t.namespace, t.service, t.pod, t.node, t.endpoint.address,
+                 "", "", "true" if ready else "false"],
+                1.0,
+            )
+        yield info
+
+
 @dataclass(frozen=True)
 class ProcessMetrics:
     """Process-level metrics, registered once per registry."""
@@ -125,10 +147,17 @@ class ProcessMetrics:
     rounds: Counter
     round_overruns: Counter
     remediations: Counter
+    kube_errors: Counter
+    discovery_synced: Gauge
 
 
-def register(registry: CollectorRegistry, store: ResultStore) -> ProcessMetrics:
+def register(
+    registry: CollectorRegistry,
+    store: ResultStore,
+    pod_ready: Callable[[], Mapping[Target, bool]] = dict,
+) -> ProcessMetrics:
     registry.register(ProbeCollector(store))
+    registry.register(TargetInfoCollector(pod_ready))
     Gauge(
         "dnsprobe_build_info", "Build information; always 1.", ["version"], registry=registry
     ).labels(version=__version__).set(1)
@@ -144,6 +173,19 @@ def register(registry: CollectorRegistry, store: ResultStore) -> ProcessMetrics:
             "dnsprobe_remediations",
             "Remediation decisions, skips included.",
             ["action", "result"],
+            registry=registry,
+        ),
+        kube_errors=Counter(
+            "dnsprobe_kubernetes_errors",
+            "Failed Kubernetes API calls, by resource and reason (unreachable, timeout, "
+            "unauthorized, forbidden, not_found, error).",
+            ["resource", "reason"],
+            registry=registry,
+        ),
+        discovery_synced=Gauge(
+            "dnsprobe_discovery_synced",
+            "1 once Kubernetes discovery has listed the Service and its pods (always 1 for "
+            "static targets).",
             registry=registry,
         ),
     )

@@ -1,16 +1,48 @@
 """The gateway to the Kubernetes API: the only module that may import `kubernetes`.
 
-For now it only answers whether a Kubernetes configuration is available; discovery,
-evictions, events and leases arrive here as they are built.
+The official client is synchronous; nothing here runs on the event loop. A `Watcher`
+keeps one list of objects current in a thread of its own (list, then watch from the
+list's resourceVersion; resume after a watch ends; relist on 410 Gone; back off on
+errors) and hands what it sees to a callback as `Listed`, `Changed`, `Failed` and
+`Recovered` events. Objects are read as plain JSON and turned into the small frozen
+records of `targets.py` right here, so no other module sees the client's models.
+
+Only API versions served by Kubernetes 1.20 and by current releases are used (core/v1).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
 import os
+import random
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import kubernetes
+import urllib3
+
+from .targets import PodInfo, ServiceInfo
+
+log = logging.getLogger(__name__)
 
 # Where a pod finds its service-account credentials.
 SERVICE_ACCOUNT_TOKEN = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
+
+# Connect and read timeouts (seconds) for list and get calls.
+REQUEST_TIMEOUT = (5.0, 30.0)
+# A watch asks the server to end it after this long, then resumes where it was; the
+# client gives up reading after WATCH_SECONDS + WATCH_GRACE, which bounds how long a
+# silently dead connection goes unnoticed.
+WATCH_SECONDS = 60
+WATCH_GRACE = 15
+# Back-off after an error: doubling from BACKOFF_MIN to BACKOFF_MAX, with full jitter.
+BACKOFF_MIN = 0.5
+BACKOFF_MAX = 30.0
 
 
 class KubeConfigError(Exception):
@@ -28,9 +60,364 @@ def find_config(kubeconfig: str | None) -> str | None:
             raise KubeConfigError(f"--kubeconfig {kubeconfig}: no such file")
         return kubeconfig
     if os.environ.get("KUBERNETES_SERVICE_HOST") and SERVICE_ACCOUNT_TOKEN.is_file():
-        return "in-cluster service account"
+        return IN_CLUSTER
     for candidate in os.environ.get("KUBECONFIG", "").split(os.pathsep):
         if candidate and Path(candidate).is_file():
             return candidate
     default = Path.home() / ".kube" / "config"
     return str(default) if default.is_file() else None
+
+
+IN_CLUSTER = "in-cluster service account"
+
+
+# -- API objects -> records -------------------------------------------------------------
+
+
+def _str(value: object) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def _dict(value: object) -> Mapping[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _list(value: object) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def service_info(obj: Mapping[str, Any]) -> ServiceInfo:
+    """A Service (JSON) as a record: its ClusterIPs, DNS port and selector.
+
+    ClusterIPs come from `spec.clusterIPs` (dual-stack), else `spec.clusterIP`; a headless
+    Service ("None") has none. The DNS port is the UDP port named `dns`, else any UDP
+    port, else the TCP port named `dns-tcp`, else port 53 if listed.
+    """
+    meta, spec = _dict(obj.get("metadata")), _dict(obj.get("spec"))
+    ips = [_str(ip) for ip in _list(spec.get("clusterIPs"))] or [_str(spec.get("clusterIP"))]
+    ips = [ip for ip in ips if ip and ip != "None"]
+    ports = [_dict(p) for p in _list(spec.get("ports"))]
+
+    def pick(proto: str, name: str | None) -> int | None:
+        for p in ports:
+            if (p.get("protocol") or "TCP") == proto and (name is None or p.get("name") == name):
+                port = p.get("port")
+                if isinstance(port, int):
+                    return port
+        return None
+
+    port = pick("UDP", "dns") or pick("UDP", None) or pick("TCP", "dns-tcp")
+    if port is None and any(p.get("port") == 53 for p in ports):
+        port = 53
+    selector = {str(k): _str(v) for k, v in _dict(spec.get("selector")).items()}
+    return ServiceInfo(
+        namespace=_str(meta.get("namespace")),
+        name=_str(meta.get("name")),
+        cluster_ips=tuple(ips),
+        port=port,
+        selector=tuple(sorted(selector.items())),
+    )
+
+
+def pod_info(obj: Mapping[str, Any]) -> PodInfo:
+    """A Pod (JSON) as a record: its IPs (dual-stack), node, Ready condition, phase."""
+    meta, spec, status = (_dict(obj.get(k)) for k in ("metadata", "spec", "status"))
+    ips = [_str(_dict(p).get("ip")) for p in _list(status.get("podIPs"))]
+    ips = [ip for ip in ips if ip] or ([_str(status["podIP"])] if status.get("podIP") else [])
+    ready = any(
+        _dict(c).get("type") == "Ready" and _dict(c).get("status") == "True"
+        for c in _list(status.get("conditions"))
+    )
+    return PodInfo(
+        namespace=_str(meta.get("namespace")),
+        name=_str(meta.get("name")),
+        uid=_str(meta.get("uid")),
+        ips=tuple(ips),
+        node=_str(spec.get("nodeName")),
+        ready=ready,
+        phase=_str(status.get("phase")),
+        labels=tuple(sorted((str(k), _str(v)) for k, v in _dict(meta.get("labels")).items())),
+        deleting=bool(meta.get("deletionTimestamp")),
+    )
+
+
+def label_selector(selector: tuple[tuple[str, str], ...]) -> str:
+    return ",".join(f"{k}={v}" for k, v in selector)
+
+
+# -- errors ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ApiProblem:
+    """Why an API call failed: a short `reason` (a metric label) and a sentence."""
+
+    reason: str  # unreachable, timeout, unauthorized, forbidden, not_found, error
+    message: str
+
+
+def _status_message(exc: kubernetes.client.ApiException) -> str:
+    try:
+        body = json.loads(exc.body or "{}")
+        return str(body.get("message") or exc.reason or "")
+    except (ValueError, AttributeError):
+        return str(exc.reason or "")
+
+
+def classify(exc: BaseException, verb: str, resource: str, namespace: str) -> ApiProblem:
+    """Name an API failure so that an operator knows what to fix."""
+    where = f"{resource} in namespace {namespace}"
+    if isinstance(exc, kubernetes.client.ApiException):
+        detail = _status_message(exc)
+        if exc.status == 401:
+            return ApiProblem(
+                "unauthorized",
+                f"the API server rejected the credentials (401) to {verb} {where}: "
+                "the token is invalid or expired",
+            )
+        if exc.status == 403:
+            return ApiProblem(
+                "forbidden",
+                f"forbidden (403): these credentials may not {verb} {where}; grant the "
+                f"'{verb}' verb on '{resource}' in '{namespace}' (a Role and RoleBinding, "
+                f"see deploy/): {detail}",
+            )
+        if exc.status == 404:
+            return ApiProblem("not_found", f"{verb} {where}: not found (404): {detail}")
+        if exc.status == 0 or exc.status is None:
+            return ApiProblem("unreachable", f"{verb} {where}: {exc.reason}")
+        return ApiProblem("error", f"{verb} {where}: HTTP {exc.status}: {detail}")
+    if isinstance(exc, urllib3.exceptions.MaxRetryError) and exc.reason is not None:
+        exc = exc.reason
+    if isinstance(exc, urllib3.exceptions.TimeoutError | TimeoutError):
+        return ApiProblem("timeout", f"{verb} {where}: the API server did not answer in time")
+    if isinstance(exc, urllib3.exceptions.SSLError):
+        return ApiProblem("error", f"{verb} {where}: TLS error talking to the API server: {exc}")
+    if isinstance(exc, urllib3.exceptions.HTTPError | OSError):
+        return ApiProblem("unreachable", f"{verb} {where}: cannot reach the API server: {exc}")
+    return ApiProblem("error", f"{verb} {where}: {type(exc).__name__}: {exc}")
+
+
+# -- the client ------------------------------------------------------------------------
+
+
+class Client:
+    """An API client built from a kubeconfig or in-cluster credentials."""
+
+    def __init__(self, api: kubernetes.client.ApiClient, source: str) -> None:
+        self.api = api
+        self.source = source
+        self.core = kubernetes.client.CoreV1Api(api)
+
+    @classmethod
+    def connect(cls, source: str) -> Client:
+        """Load credentials (no network traffic); KubeConfigError when they are unusable."""
+        config = kubernetes.client.Configuration()
+        try:
+            if source == IN_CLUSTER:
+                kubernetes.config.load_incluster_config(  # type: ignore[no-untyped-call]
+                    client_configuration=config
+                )
+            else:
+                kubernetes.config.load_kube_config(  # type: ignore[no-untyped-call]
+                    config_file=source, client_configuration=config
+                )
+        except Exception as exc:  # the loader raises many kinds; all mean "unusable"
+            raise KubeConfigError(f"cannot use the Kubernetes config {source}: {exc}") from exc
+        return cls(kubernetes.client.ApiClient(config), source)
+
+    @property
+    def server(self) -> str:
+        return str(self.api.configuration.host)
+
+    def close(self) -> None:
+        self.api.close()  # type: ignore[no-untyped-call]
+
+    def list(
+        self, resource: str, namespace: str, *, label_selector: str = "",
+        field_selector: str = "",
+    ) -> tuple[list[Mapping[str, Any]], str]:
+        """(items as JSON, resourceVersion of the list)."""
+        response = self._call(
+            resource, namespace, label_selector=label_selector,
+            field_selector=field_selector, _request_timeout=REQUEST_TIMEOUT,
+        )
+        body = json.loads(response.data)
+        items = [_with_namespace(_dict(i), namespace) for i in _list(body.get("items"))]
+        return items, _str(_dict(body.get("metadata")).get("resourceVersion"))
+
+    def watch(
+        self, resource: str, namespace: str, resource_version: str, *,
+        label_selector: str = "", field_selector: str = "",
+    ) -> urllib3.HTTPResponse:
+        """Open a watch (the response streams one JSON event per line)."""
+        response: urllib3.HTTPResponse = self._call(
+            resource, namespace, label_selector=label_selector, field_selector=field_selector,
+            watch=True, resource_version=resource_version, allow_watch_bookmarks=True,
+            timeout_seconds=WATCH_SECONDS,
+            _request_timeout=(REQUEST_TIMEOUT[0], WATCH_SECONDS + WATCH_GRACE),
+        )
+        return response
+
+    def _call(self, resource: str, namespace: str, **kwargs: Any) -> Any:
+        method = {
+            "pods": self.core.list_namespaced_pod,
+            "services": self.core.list_namespaced_service,
+        }[resource]
+        return method(namespace, _preload_content=False, **kwargs)
+
+
+def _with_namespace(obj: Mapping[str, Any], namespace: str) -> Mapping[str, Any]:
+    # List items carry their namespace, but be sure: records need it.
+    meta = _dict(obj.get("metadata"))
+    if meta.get("namespace"):
+        return obj
+    return {**obj, "metadata": {**meta, "namespace": namespace}}
+
+
+def _lines(response: urllib3.HTTPResponse) -> Iterator[bytes]:
+    buffer = b""
+    for chunk in response.stream(amt=None, decode_content=False):
+        buffer += chunk
+        *lines, buffer = buffer.split(b"\n")
+        yield from (line for line in lines if line.strip())
+    if buffer.strip():
+        yield buffer
+
+
+# -- watching --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Listed:
+    """The complete current set (after a list or relist)."""
+
+    items: tuple[Any, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Changed:
+    type: str  # ADDED, MODIFIED, DELETED
+    item: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    problem: ApiProblem
+
+
+@dataclass(frozen=True, slots=True)
+class Recovered:
+    pass
+
+
+WatchEvent = Listed | Changed | Failed | Recovered
+
+
+class _Gone(Exception):
+    """The watch's resourceVersion is too old (410): relist."""
+
+
+class Watcher:
+    """Keeps one filtered list of `resource` in `namespace` current, in a daemon thread.
+
+    Daemon, because a blocked read cannot be interrupted portably: `stop()` shuts the
+    open watch's socket down, and anything still blocked dies with the process instead of
+    holding up its exit.
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        resource: str,
+        namespace: str,
+        convert: Callable[[Mapping[str, Any]], Any],
+        emit: Callable[[WatchEvent], None],
+        *,
+        label_selector: str = "",
+        field_selector: str = "",
+    ) -> None:
+        self._client = client
+        self.resource = resource
+        self.namespace = namespace
+        self._convert = convert
+        self._emit = emit
+        self._selectors = {"label_selector": label_selector, "field_selector": field_selector}
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._response: urllib3.HTTPResponse | None = None
+        self._failing = False
+        self._thread = threading.Thread(
+            target=self._run, name=f"watch-{resource}-{namespace}", daemon=True
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self._lock:
+            if self._response is not None:
+                with contextlib.suppress(Exception):
+                    self._response.shutdown()
+
+    def _ok(self) -> None:
+        if self._failing:
+            self._failing = False
+            self._emit(Recovered())
+
+    def _fail(self, exc: BaseException, verb: str) -> None:
+        self._failing = True
+        self._emit(Failed(classify(exc, verb, self.resource, self.namespace)))
+
+    def _run(self) -> None:
+        delay = BACKOFF_MIN
+        version = ""
+        while not self._stop.is_set():
+            verb = "watch" if version else "list"
+            try:
+                if not version:
+                    items, version = self._client.list(
+                        self.resource, self.namespace, **self._selectors
+                    )
+                    self._ok()
+                    self._emit(Listed(tuple(self._convert(i) for i in items)))
+                version = self._watch(version)
+                delay = BACKOFF_MIN
+            except _Gone:
+                log.debug("watch of %s expired (410); relisting", self.resource)
+                version = ""
+            except Exception as exc:
+                if self._stop.is_set():
+                    return
+                self._fail(exc, verb)
+                self._stop.wait(random.uniform(0, delay))
+                delay = min(delay * 2, BACKOFF_MAX)
+
+    def _watch(self, version: str) -> str:
+        """Follow changes from `version` until the server ends the watch; the last version."""
+        response = self._client.watch(self.resource, self.namespace, version, **self._selectors)
+        with self._lock:
+            if self._stop.is_set():
+                response.release_conn()
+                return version
+            self._response = response
+        self._ok()
+        try:
+            for line in _lines(response):
+                event = json.loads(line)
+                kind, obj = _str(event.get("type")), _dict(event.get("object"))
+                if kind == "ERROR":
+                    if obj.get("code") == 410:
+                        raise _Gone
+                    raise kubernetes.client.ApiException(
+                        status=obj.get("code") or 500, reason=_str(obj.get("message"))
+                    )
+                version = _str(_dict(obj.get("metadata")).get("resourceVersion")) or version
+                if kind in ("ADDED", "MODIFIED", "DELETED"):
+                    self._emit(Changed(kind, self._convert(obj)))
+            return version
+        finally:
+            with self._lock:
+                self._response = None
+            response.release_conn()

@@ -129,6 +129,78 @@ def static_targets(endpoints: list[Endpoint] | tuple[Endpoint, ...]) -> list[Tar
     return list(seen.values())
 
 
+@dataclass(frozen=True, slots=True)
+class ServiceInfo:
+    """What discovery needs of the CoreDNS Service."""
+
+    namespace: str
+    name: str
+    cluster_ips: tuple[str, ...]
+    port: int | None  # the DNS port; None when the Service lists none
+    selector: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PodInfo:
+    """What discovery needs of a CoreDNS pod."""
+
+    namespace: str
+    name: str
+    uid: str
+    ips: tuple[str, ...]
+    node: str
+    ready: bool
+    phase: str
+    labels: tuple[tuple[str, str], ...] = ()
+    deleting: bool = False
+
+    def matches(self, selector: tuple[tuple[str, str], ...]) -> bool:
+        """True if every key=value of a (non-empty) Service selector is among the labels."""
+        labels = dict(self.labels)
+        return bool(selector) and all(labels.get(k) == v for k, v in selector)
+
+
+def _valid_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def kubernetes_targets(
+    service: ServiceInfo | None, pods: list[PodInfo], dns_port: int
+) -> tuple[list[Target], dict[Target, bool]]:
+    """Targets for a Service and its pods: every ClusterIP, every IP of every pod.
+
+    Returns the targets (Service IPs first, then pods by name) and, per pod target, the
+    pod's Ready condition. Pods that are not Ready are probed all the same (that is when
+    their DNS matters most); pods that have finished (Succeeded, Failed) are not.
+    """
+    if service is None:
+        return [], {}
+    targets: list[Target] = []
+    if service.port is not None:
+        targets += [
+            Target(Kind.SERVICE, Endpoint(ip, service.port), service.namespace, service.name)
+            for ip in service.cluster_ips
+            if _valid_ip(ip)
+        ]
+    ready: dict[Target, bool] = {}
+    for pod in sorted(pods, key=lambda p: p.name):
+        if pod.phase in ("Succeeded", "Failed") or not pod.matches(service.selector):
+            continue
+        for ip in pod.ips:
+            if not _valid_ip(ip):
+                continue
+            target = Target(
+                Kind.POD, Endpoint(ip, dns_port), pod.namespace, service.name, pod.name, pod.node
+            )
+            targets.append(target)
+            ready[target] = pod.ready
+    return targets, ready
+
+
 def expand_checks(
     targets: list[Target], protocols: tuple[Protocol, ...], queries: tuple[Query, ...]
 ) -> list[Check]:

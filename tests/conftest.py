@@ -10,7 +10,9 @@ from typing import Any
 import pytest
 
 from tests.harness import coredns
+from tests.harness.cluster import Cluster, binaries_missing
 from tests.harness.components import can_use_netns, coredns_binary, missing
+from tests.harness.lab import Lab
 from tests.harness.netns import NetNS
 
 
@@ -76,3 +78,31 @@ def netns() -> Iterator[Callable[[str], NetNS]]:
     yield make
     for ns in made:
         ns.delete()
+
+
+@pytest.fixture(scope="session")
+def kube_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """A real etcd + kube-apiserver + kube-controller-manager for the whole session."""
+    reason = binaries_missing()
+    if reason:
+        missing("the Kubernetes test cluster", reason)
+    cluster = Cluster(tmp_path_factory.mktemp("cluster"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def lab(kube_cluster: Cluster, coredns_bin: Path, tmp_path: Path) -> Iterator[Lab]:
+    """A node namespace, CoreDNS pods in namespaces of their own, and a Kubernetes
+    namespace of this test's own in the test cluster; all removed afterwards."""
+    reason = can_use_netns()
+    if reason:
+        missing("network namespaces", reason)
+    made = Lab(kube_cluster, coredns_bin, tmp_path)
+    try:
+        yield made
+    finally:
+        made.close()

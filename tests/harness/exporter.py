@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from .netns import NetNS
@@ -17,7 +17,15 @@ from .netns import NetNS
 class Exporter:
     """A running `coredns-health-exporter serve`, logging JSON lines to stderr."""
 
-    def __init__(self, args: Sequence[str], netns: NetNS | None = None, timeout: float = 30):
+    def __init__(
+        self,
+        args: Sequence[str],
+        netns: NetNS | None = None,
+        timeout: float = 30,
+        expose: Callable[[str], str] | None = None,
+    ):
+        """`expose` maps the address the exporter listens on (inside `netns`) to one the
+        tests can reach (a relay, see lab.py)."""
         command = [sys.executable, "-m", "exporter", "serve", "--log-format", "json", *args]
         if not any(a.startswith("--listen") for a in args):
             command += ["--listen", "127.0.0.1:0"]
@@ -31,6 +39,8 @@ class Exporter:
         self._lines: queue.Queue[dict[str, Any] | None] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
         self.address = self._await_listening(timeout)
+        if expose is not None:
+            self.address = expose(self.address)
         self.url = f"http://{self.address}"
 
     def _read(self) -> None:

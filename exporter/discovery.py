@@ -1,0 +1,313 @@
+"""Kubernetes discovery: keeps the probe targets equal to the CoreDNS Service and its pods.
+
+Three watches, each in a thread of its own (`kube.Watcher`), feed one queue on the
+event loop:
+
+- the CoreDNS Service (`--namespace`/`--service`): ClusterIPs, DNS port, selector;
+- the pods matching that selector (the watch restarts when the selector changes);
+- `default/kubernetes`, whose ClusterIP is the expected answer of the default query
+  (only when no `--query` is given).
+
+After each batch of events the targets are recomputed and handed to the scheduler, which
+drops the series of whatever disappeared. API trouble never touches the targets already
+known: probing goes on, each watch backs off and retries, and the trouble is logged once
+when it starts (or changes) and once when it ends, and counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from . import kube
+from .collector import ProcessMetrics
+from .config import DEFAULT_QUERY_LABEL, Settings
+from .probe import Query
+from .scheduler import Scheduler
+from .targets import PodInfo, ServiceInfo, Target, kubernetes_targets
+
+log = logging.getLogger(__name__)
+
+SERVICE, PODS, KUBERNETES = "service", "pods", "kubernetes"
+
+
+@dataclass
+class _Source:
+    """One watch: what it last listed, whether it has listed, its current problem."""
+
+    watcher: kube.Watcher | None = None
+    generation: int = 0
+    listed: bool = False
+    problem: kube.ApiProblem | None = None
+
+
+class Discovery:
+    def __init__(
+        self,
+        settings: Settings,
+        client: kube.Client,
+        scheduler: Scheduler,
+        metrics: ProcessMetrics,
+        default_query: Callable[[tuple[str, ...]], Query],
+    ) -> None:
+        self._settings = settings
+        self._client = client
+        self._scheduler = scheduler
+        self._metrics = metrics
+        self._default_query = default_query
+        self._queue: asyncio.Queue[tuple[str, int, kube.WatchEvent]] = asyncio.Queue()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._sources = {name: _Source() for name in (SERVICE, PODS, KUBERNETES)}
+        self.service: ServiceInfo | None = None
+        self.pods: dict[str, PodInfo] = {}
+        self.kubernetes_ip: str | None = None
+        self.synced = False
+        # Per pod target, its Ready condition: the source of dnsprobe_target_info.
+        self.pod_ready: dict[Target, bool] = {}
+        self._published: tuple[list[Target], tuple[Query, ...]] | None = None
+        self._warned: set[str] = set()
+
+    @property
+    def needs_kubernetes_ip(self) -> bool:
+        return not self._settings.probe.queries
+
+    async def run(self) -> None:
+        """Watch and update targets until cancelled."""
+        self._loop = asyncio.get_running_loop()
+        d = self._settings.discovery
+        self._start(SERVICE, "services", d.namespace, kube.service_info,
+                    field_selector=f"metadata.name={d.service}")
+        if self.needs_kubernetes_ip:
+            self._start(KUBERNETES, "services", "default", kube.service_info,
+                        field_selector="metadata.name=kubernetes")
+        try:
+            while True:
+                batch = [await self._queue.get()]
+                while not self._queue.empty():
+                    batch.append(self._queue.get_nowait())
+                for source, generation, event in batch:
+                    if generation == self._sources[source].generation:
+                        self._handle(source, event)
+                self._publish()
+        finally:
+            for watched in self._sources.values():
+                if watched.watcher is not None:
+                    watched.watcher.stop()
+
+    # -- watches -----------------------------------------------------------------------
+
+    def _start(self, name: str, resource: str, namespace: str,
+               convert: Callable[[Any], Any], **selectors: str) -> None:
+        source = self._sources[name]
+        if source.watcher is not None:
+            source.watcher.stop()
+        source.generation += 1
+        source.listed = False
+        generation, loop = source.generation, self._loop
+        assert loop is not None
+
+        def emit(event: kube.WatchEvent) -> None:
+            # RuntimeError: the loop is closed, the exporter is stopping.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._queue.put_nowait, (name, generation, event))
+
+        source.watcher = kube.Watcher(
+            self._client, resource, namespace, convert, emit, **selectors
+        )
+        source.watcher.start()
+
+    def _stop(self, name: str) -> None:
+        source = self._sources[name]
+        if source.watcher is not None:
+            source.watcher.stop()
+            source.watcher = None
+        source.generation += 1
+        source.listed = True  # nothing to list: counts as synced
+        source.problem = None
+
+    def _handle(self, name: str, event: kube.WatchEvent) -> None:
+        source = self._sources[name]
+        if isinstance(event, kube.Failed):
+            self._metrics.kube_errors.labels(
+                resource=source.watcher.resource if source.watcher else name,
+                reason=event.problem.reason,
+            ).inc()
+            if source.problem != event.problem:
+                log.warning(
+                    "Kubernetes API error; probing continues with the targets already known",
+                    extra={"fields": {"watch": name, "reason": event.problem.reason,
+                                      "error": event.problem.message}},
+                )
+            source.problem = event.problem
+            return
+        if isinstance(event, kube.Recovered):
+            if source.problem is not None:
+                log.info("Kubernetes API reachable again", extra={"fields": {"watch": name}})
+            source.problem = None
+            return
+        if name == PODS:
+            self._handle_pods(event)
+        else:
+            self._handle_service(name, event)
+        source.listed = True
+
+    def _handle_pods(self, event: kube.WatchEvent) -> None:
+        if isinstance(event, kube.Listed):
+            self.pods = {p.name: p for p in event.items}
+        elif isinstance(event, kube.Changed):
+            pod: PodInfo = event.item
+            if event.type == "DELETED":
+                self.pods.pop(pod.name, None)
+            else:
+                self.pods[pod.name] = pod
+
+    def _handle_service(self, name: str, event: kube.WatchEvent) -> None:
+        current: ServiceInfo | None
+        if isinstance(event, kube.Listed):
+            current = event.items[0] if event.items else None
+        elif isinstance(event, kube.Changed):
+            current = None if event.type == "DELETED" else event.item
+        else:
+            return
+        if name == KUBERNETES:
+            self.kubernetes_ip = current.cluster_ips[0] if current and current.cluster_ips else None
+            return
+        previous, self.service = self.service, current
+        d = self._settings.discovery
+        if current is None:
+            self._warn_once("no-service", f"Service {d.namespace}/{d.service} not found: "
+                            "nothing to probe until it exists (check --namespace/--service)")
+            self._stop(PODS)
+            self.pods = {}
+            return
+        self._warned.discard("no-service")
+        if not current.selector:
+            self._warn_once("no-selector", f"Service {d.namespace}/{d.service} has no "
+                            "selector: its pods cannot be found, only its ClusterIP is probed")
+            self._stop(PODS)
+            self.pods = {}
+            return
+        self._warned.discard("no-selector")
+        if previous is None or previous.selector != current.selector:
+            self._start(PODS, "pods", d.namespace, kube.pod_info,
+                        label_selector=kube.label_selector(current.selector))
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(message)
+
+    # -- targets -----------------------------------------------------------------------
+
+    def _queries(self) -> tuple[Query, ...]:
+        if self._settings.probe.queries:
+            return self._settings.probe.queries
+        ip = self.kubernetes_ip
+        if ip is None and self._sources[KUBERNETES].problem is not None:
+            # Without read access to default/kubernetes, a pod's environment still names it.
+            ip = os.environ.get("KUBERNETES_SERVICE_HOST") or None
+        return (self._default_query((ip,) if ip else ()),)
+
+    def _is_synced(self) -> bool:
+        service, pods, k8s = (self._sources[n] for n in (SERVICE, PODS, KUBERNETES))
+        if not service.listed or (not pods.listed and self.service is not None):
+            return False
+        if self.needs_kubernetes_ip and not k8s.listed:
+            # default/kubernetes unreadable (forbidden, say): go on without it, once.
+            if k8s.problem is None or k8s.problem.reason not in ("forbidden", "not_found"):
+                return False
+            self._warn_once(
+                "no-kubernetes-ip",
+                f"cannot read default/kubernetes ({k8s.problem.message}); the "
+                f"'{DEFAULT_QUERY_LABEL}' query expects "
+                + (f"{os.environ['KUBERNETES_SERVICE_HOST']} from KUBERNETES_SERVICE_HOST"
+                   if os.environ.get("KUBERNETES_SERVICE_HOST") else "any address"),
+            )
+        return True
+
+    def _publish(self) -> None:
+        if not self._is_synced():
+            return
+        targets, ready = kubernetes_targets(
+            self.service, list(self.pods.values()), self._settings.discovery.dns_port
+        )
+        queries = self._queries()
+        self.pod_ready = ready
+        if self._published != (targets, queries):
+            before = set(self._published[0]) if self._published else set()
+            added = [t for t in targets if t not in before]
+            removed = [t for t in before if t not in set(targets)]
+            self._scheduler.set_targets(targets, queries)
+            self._published = (targets, queries)
+            log.info(
+                "targets updated",
+                extra={"fields": {
+                    "targets": len(targets),
+                    "added": ",".join(f"{t.pod or t.kind.value}@{t.endpoint.address}"
+                                      for t in added),
+                    "removed": ",".join(f"{t.pod or t.kind.value}@{t.endpoint.address}"
+                                        for t in removed),
+                    "expect": ",".join(queries[0].expect) if queries else "",
+                }},
+            )
+        if not self.synced:
+            self.synced = True
+            self._metrics.discovery_synced.set(1)
+            log.info("discovery synced", extra={"fields": {
+                "service": f"{self._settings.discovery.namespace}/"
+                           f"{self._settings.discovery.service}",
+                "pods": len(ready), "targets": len(targets)}})
+
+
+class DiscoveryError(Exception):
+    """One-shot discovery failed; the message says why."""
+
+
+async def discover_once(
+    settings: Settings, client: kube.Client, default_query: Callable[[tuple[str, ...]], Query]
+) -> tuple[list[Target], tuple[Query, ...]]:
+    """List the Service, its pods and default/kubernetes once (for `check`)."""
+    d = settings.discovery
+
+    def work() -> tuple[list[Target], tuple[Query, ...]]:
+        step = ("list", "services", d.namespace)
+        try:
+            items, _ = client.list("services", d.namespace,
+                                   field_selector=f"metadata.name={d.service}")
+            if not items:
+                raise DiscoveryError(f"Service {d.namespace}/{d.service} not found")
+            service = kube.service_info(items[0])
+            pods: list[PodInfo] = []
+            if service.selector:
+                step = ("list", "pods", d.namespace)
+                pod_items, _ = client.list("pods", d.namespace,
+                                           label_selector=kube.label_selector(service.selector))
+                pods = [kube.pod_info(p) for p in pod_items]
+            queries = settings.probe.queries
+            if not queries:
+                expect: tuple[str, ...] = ()
+                step = ("list", "services", "default")
+                try:
+                    found, _ = client.list("services", "default",
+                                           field_selector="metadata.name=kubernetes")
+                    ips = kube.service_info(found[0]).cluster_ips if found else ()
+                    expect = ips[:1]
+                except Exception as exc:
+                    problem = kube.classify(exc, *step)
+                    if problem.reason != "forbidden":
+                        raise
+                    log.warning("cannot read default/kubernetes: %s", problem.message)
+                queries = (default_query(expect),)
+        except DiscoveryError:
+            raise
+        except Exception as exc:
+            raise DiscoveryError(kube.classify(exc, *step).message) from exc
+        targets, _ = kubernetes_targets(service, pods, d.dns_port)
+        return targets, queries
+
+    return await asyncio.to_thread(work)

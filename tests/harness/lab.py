@@ -1,0 +1,249 @@
+"""A small cluster network for the tests: a "node" namespace and CoreDNS "pods".
+
+The node namespace is where the exporter under test runs. It has a bridge (br0,
+10.244.0.1/24) with one veth per pod namespace, a route for the Service range onto the
+bridge, and no default route: an address that is not a pod's fails right there. A Service
+IP is emulated as kube-proxy (iptables mode) does it: DNAT in the node's nat OUTPUT chain
+to the pod addresses, chosen at random per connection. The API server, which listens on
+the machine's loopback, is reachable from the node namespace at 127.0.0.1:6443 through a
+relay; so is the exporter's HTTP port from the tests.
+
+Each pod is a real CoreDNS in its own namespace, on port 53 of its own address, and the
+matching Pod object in the test cluster carries that address in its status.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import kubernetes
+
+from . import coredns
+from .cluster import Cluster
+from .netns import NetNS
+from .relay import Relay
+
+POD_PREFIX = "10.244.0."
+NODE_ADDRESS = POD_PREFIX + "1"
+API_IN_NODE = "127.0.0.1:6443"
+SELECTOR = {"k8s-app": "kube-dns"}
+_CHAIN = "CHX-SERVICES"
+
+
+@dataclass
+class Pod:
+    name: str
+    ip: str
+    netns: NetNS
+    server: coredns.CoreDNS
+    node: str
+
+    def stop(self) -> None:
+        self.server.stop()
+        self.netns.delete()
+
+
+@dataclass
+class Lab:
+    """The node namespace, its pods, and the objects in the test cluster that describe them."""
+
+    cluster: Cluster
+    coredns_bin: Path
+    workdir: Path
+    namespace: str = field(default_factory=lambda: f"t-{uuid.uuid4().hex[:8]}")
+    service: str = "kube-dns"
+    pods: dict[str, Pod] = field(default_factory=dict)
+    cluster_ips: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._hosts = itertools.count(2)
+        self._relays: list[Relay] = []
+        self._ready: dict[str, bool] = {}
+        self._others: list[Pod] = []  # pods in other namespaces
+        self.node = NetNS("node")
+        for args in (
+            ["ip", "link", "add", "br0", "type", "bridge"],
+            ["ip", "addr", "add", f"{NODE_ADDRESS}/24", "dev", "br0"],
+            ["ip", "link", "set", "br0", "up"],
+            ["ip", "route", "add", "10.96.0.0/16", "dev", "br0"],
+            ["iptables", "-t", "nat", "-N", _CHAIN],
+            ["iptables", "-t", "nat", "-A", "OUTPUT", "-j", _CHAIN],
+        ):
+            self.node.exec(args)
+        self.api_relay = self.relay_in(API_IN_NODE, f"127.0.0.1:{self.cluster.api_port}")
+        # The client's typed models add nothing here: the harness speaks plain JSON bodies.
+        self.api: Any = kubernetes.config.new_client_from_config(  # type: ignore[no-untyped-call]
+            str(self.cluster.admin_kubeconfig)
+        )
+        self.core: Any = cast(Any, kubernetes.client.CoreV1Api(self.api))
+        self.rbac: Any = cast(Any, kubernetes.client.RbacAuthorizationV1Api(self.api))
+        self.core.create_namespace({"metadata": {"name": self.namespace}})
+
+    # -- network -----------------------------------------------------------------------
+
+    def relay_in(self, listen: str, connect: str) -> Relay:
+        """Listen at `listen` inside the node namespace; connect to `connect` outside it."""
+        relay = Relay.start(f"/run/netns/{self.node.name}", listen, "-", connect)
+        self._relays.append(relay)
+        return relay
+
+    def relay_out(self, connect: str) -> Relay:
+        """Listen on the machine's loopback; connect to `connect` inside the node namespace."""
+        relay = Relay.start("-", "127.0.0.1:0", f"/run/netns/{self.node.name}", connect)
+        self._relays.append(relay)
+        return relay
+
+    def kubeconfig(self, token: str, name: str = "exporter") -> Path:
+        """A kubeconfig for use inside the node namespace, authenticating with `token`."""
+        return self.cluster.write_kubeconfig(
+            self.workdir / f"{name}.kubeconfig", token, server=f"https://{API_IN_NODE}"
+        )
+
+    def admin_kubeconfig(self) -> Path:
+        from .cluster import ADMIN_TOKEN
+
+        return self.kubeconfig(ADMIN_TOKEN, "admin")
+
+    def start_pod_network(
+        self, behaviour: coredns.Behaviour = coredns.Behaviour.HEALTHY
+    ) -> tuple[NetNS, str, coredns.CoreDNS]:
+        host = next(self._hosts)
+        ip = f"{POD_PREFIX}{host}"
+        ns = NetNS("pod")
+        veth = f"vp{host}"
+        self.node.exec(["ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0",
+                        "netns", ns.name])
+        self.node.exec(["ip", "link", "set", veth, "master", "br0", "up"])
+        ns.exec(["ip", "addr", "add", f"{ip}/24", "dev", "eth0"])
+        ns.exec(["ip", "link", "set", "eth0", "up"])
+        server = coredns.start(
+            self.coredns_bin, self.workdir / "coredns", behaviour, netns=ns, host=ip, port=53
+        )
+        return ns, ip, server
+
+    def route_service(self) -> None:
+        """Rewrite the DNAT rules: each Service IP to the Ready pods, as kube-proxy does."""
+        self.node.exec(["iptables", "-t", "nat", "-F", _CHAIN])
+        ready = [p.ip for p in self.pods.values() if self._ready.get(p.name, True)]
+        for cluster_ip in self.cluster_ips:
+            for proto in ("udp", "tcp"):
+                for i, ip in enumerate(ready):
+                    match = ["-d", cluster_ip, "-p", proto, "--dport", "53"]
+                    left = len(ready) - i
+                    if left > 1:
+                        match += ["-m", "statistic", "--mode", "random",
+                                  "--probability", f"{1 / left:.5f}"]
+                    self.node.exec(["iptables", "-t", "nat", "-A", _CHAIN, *match,
+                                    "-j", "DNAT", "--to-destination", f"{ip}:53"])
+
+    # -- Kubernetes objects ---------------------------------------------------------------
+
+    def ensure_node(self, name: str) -> None:
+        try:
+            self.core.create_node({"metadata": {"name": name}})
+        except kubernetes.client.ApiException as exc:
+            if exc.status != 409:
+                raise
+
+    def create_service(self, namespace: str | None = None, name: str | None = None,
+                       selector: dict[str, str] | None = None) -> str:
+        body = {
+            "metadata": {"name": name or self.service, "labels": {"k8s-app": "kube-dns"}},
+            "spec": {
+                "selector": selector or SELECTOR,
+                "ports": [
+                    {"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 53},
+                    {"name": "dns-tcp", "port": 53, "protocol": "TCP", "targetPort": 53},
+                    {"name": "metrics", "port": 9153, "protocol": "TCP", "targetPort": 9153},
+                ],
+            },
+        }
+        svc = self.core.create_namespaced_service(namespace or self.namespace, body)
+        ip: str = svc.spec.cluster_ip
+        if namespace in (None, self.namespace):
+            self.cluster_ips = [ip]
+            self.route_service()
+        return ip
+
+    def add_pod(
+        self,
+        behaviour: coredns.Behaviour = coredns.Behaviour.HEALTHY,
+        *,
+        ready: bool = True,
+        node: str = "node-a",
+        namespace: str | None = None,
+        labels: dict[str, str] | None = None,
+    ) -> Pod:
+        """A CoreDNS pod: a namespace, a CoreDNS process and the Pod object, Running."""
+        ns, ip, server = self.start_pod_network(behaviour)
+        name = f"coredns-{ip.rsplit('.', 1)[1]}-{uuid.uuid4().hex[:5]}"
+        pod = Pod(name, ip, ns, server, node)
+        self.ensure_node(node)
+        self.core.create_namespaced_pod(namespace or self.namespace, {
+            "metadata": {"name": name, "labels": labels or SELECTOR},
+            "spec": {"nodeName": node, "containers": [{"name": "coredns", "image": "coredns"}]},
+        })
+        self._patch_status(namespace or self.namespace, name, ip, ready)
+        if namespace in (None, self.namespace):
+            self.pods[name] = pod
+            self._ready[name] = ready
+            self.route_service()
+        else:
+            self._others.append(pod)
+        return pod
+
+    def set_ready(self, pod: Pod, ready: bool) -> None:
+        self._patch_status(self.namespace, pod.name, pod.ip, ready)
+        self._ready[pod.name] = ready
+        self.route_service()
+
+    def delete_pod(self, pod: Pod) -> None:
+        self.core.delete_namespaced_pod(pod.name, self.namespace, grace_period_seconds=0)
+        del self.pods[pod.name]
+        self.route_service()
+        pod.stop()
+
+    def _patch_status(self, namespace: str, name: str, ip: str, ready: bool) -> None:
+        status = "True" if ready else "False"
+        body: dict[str, Any] = {"status": {
+            "phase": "Running",
+            "podIP": ip,
+            "podIPs": [{"ip": ip}],
+            "hostIP": NODE_ADDRESS,
+            "conditions": [
+                {"type": "Ready", "status": status},
+                {"type": "ContainersReady", "status": status},
+            ],
+        }}
+        self.core.patch_namespaced_pod_status(name, namespace, body)
+
+    def service_account_token(self, name: str, rules: list[dict[str, Any]]) -> str:
+        """A ServiceAccount in the lab's namespace bound to a Role with `rules`; its token."""
+        ns = self.namespace
+        self.core.create_namespaced_service_account(ns, {"metadata": {"name": name}})
+        self.rbac.create_namespaced_role(ns, {"metadata": {"name": name}, "rules": rules})
+        self.rbac.create_namespaced_role_binding(ns, {
+            "metadata": {"name": name},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": ns}],
+        })
+        request = self.core.create_namespaced_service_account_token(
+            name, ns, {"spec": {"audiences": [], "expirationSeconds": 3600}}
+        )
+        token: str = request.status.token
+        return token
+
+    def close(self) -> None:
+        for pod in [*self.pods.values(), *self._others]:
+            pod.stop()
+        for relay in self._relays:
+            relay.stop()
+        self.node.delete()
+        with contextlib.suppress(kubernetes.client.ApiException):
+            self.core.delete_namespace(self.namespace)
+        self.api.close()
