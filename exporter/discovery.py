@@ -137,7 +137,8 @@ class Discovery:
                 resource=source.watcher.resource if source.watcher else name,
                 reason=event.problem.reason,
             ).inc()
-            if source.problem != event.problem:
+            # Once per change of state: retries failing the same way stay quiet.
+            if source.problem is None or source.problem.reason != event.problem.reason:
                 log.warning(
                     "Kubernetes API error; probing continues with the targets already known",
                     extra={"fields": {"watch": name, "reason": event.problem.reason,

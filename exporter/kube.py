@@ -191,8 +191,9 @@ def classify(exc: BaseException, verb: str, resource: str, namespace: str) -> Ap
         exc = exc.reason
     if isinstance(exc, urllib3.exceptions.TimeoutError | TimeoutError):
         return ApiProblem("timeout", f"{verb} {where}: the API server did not answer in time")
-    if isinstance(exc, urllib3.exceptions.SSLError):
-        return ApiProblem("error", f"{verb} {where}: TLS error talking to the API server: {exc}")
+    if isinstance(exc, urllib3.exceptions.SSLError) and "CERTIFICATE" in str(exc).upper():
+        return ApiProblem("error", f"{verb} {where}: the API server's certificate: {exc}")
+    # Other TLS errors (EOF during the handshake) are a connection cut short.
     if isinstance(exc, urllib3.exceptions.HTTPError | OSError):
         return ApiProblem("unreachable", f"{verb} {where}: cannot reach the API server: {exc}")
     return ApiProblem("error", f"{verb} {where}: {type(exc).__name__}: {exc}")

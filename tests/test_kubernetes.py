@@ -4,9 +4,7 @@ real CoreDNS pods in namespaces of their own, and follows pod churn and API trou
 
 from __future__ import annotations
 
-import asyncio
 import json
-import subprocess
 import sys
 from collections.abc import Callable, Iterator
 
@@ -89,3 +87,206 @@ async def test_discovers_service_and_pods_and_probes_each(lab: Lab, start_export
     assert all(s.labels["pod"] == "" and s.labels["node"] == "" for s in service)
     status, _, text = await scrape(exporter.url, "/-/ready")
     assert status == 200, text
+
+
+def gone(*pods: str) -> Callable[[str], bool]:
+    def ready(body: str) -> bool:
+        return not any(
+            s.labels.get("pod") in pods
+            for s in samples(body)
+            if s.name.startswith("dnsprobe_") and "pod" in s.labels
+        )
+    return ready
+
+
+async def test_pods_added_and_deleted_while_running(lab: Lab, start_exporter: Start) -> None:
+    first = lab.add_pod()
+    lab.create_service()
+    exporter = start_exporter()
+    await scrape_until(exporter.url, probed(first.name))
+
+    second = lab.add_pod()
+    body = await scrape_until(exporter.url, probed(first.name, second.name))
+    assert probed(first.name, second.name)(body), body
+
+    lab.delete_pod(first)
+    body = await scrape_until(exporter.url, gone(first.name))
+    assert gone(first.name)(body), "series of the deleted pod are still exported:\n" + body
+    assert probed(second.name)(body)
+    assert [s.labels["pod"] for s in series(body, "dnsprobe_target_info")] == [second.name]
+    updates = [r for r in exporter.logs if r.get("msg") == "targets updated"]
+    assert any(second.name in r["added"] for r in updates)
+    assert any(first.name in r["removed"] for r in updates)
+
+
+async def test_pod_that_is_not_ready_is_still_probed(lab: Lab, start_exporter: Start) -> None:
+    ready, unready = lab.add_pod(), lab.add_pod(ready=False)
+    lab.create_service()
+    exporter = start_exporter()
+    body = await scrape_until(exporter.url, probed(ready.name, unready.name))
+    assert probed(ready.name, unready.name)(body), body
+    info = {s.labels["pod"]: s.labels["ready"] for s in series(body, "dnsprobe_target_info")}
+    assert info == {ready.name: "true", unready.name: "false"}
+
+    lab.set_ready(unready, True)
+
+    def both_ready(text: str) -> bool:
+        return {s.labels["ready"] for s in series(text, "dnsprobe_target_info")} == {"true"}
+
+    assert both_ready(await scrape_until(exporter.url, both_ready))
+
+
+async def test_same_labelled_pods_in_another_namespace_are_ignored(
+    lab: Lab, start_exporter: Start
+) -> None:
+    ours = lab.add_pod()
+    lab.create_service()
+    other = lab.other_namespace()
+    lab.create_service(namespace=other)
+    stranger = lab.add_pod(namespace=other)
+    exporter = start_exporter()
+    body = await scrape_until(exporter.url, probed(ours.name))
+    assert probed(ours.name)(body)
+    assert not series(body, pod=stranger.name)
+    assert {s.labels["namespace"] for s in series(body)} == {lab.namespace}
+
+
+async def test_pod_with_udp_dropped_fails_udp_only(lab: Lab, start_exporter: Start) -> None:
+    sick, healthy = lab.add_pod(), lab.add_pod()
+    lab.create_service()
+    sick.netns.drop("udp", 53)
+    exporter = start_exporter()
+    want = {f"{sick.name}/udp": 0.0, f"{sick.name}/tcp": 1.0,
+            f"{healthy.name}/udp": 1.0, f"{healthy.name}/tcp": 1.0}
+
+    def settled(body: str) -> bool:
+        return pods_with(body) == want and bool(series(body, "dnsprobe_probes_total",
+                                                       pod=sick.name, result="timeout"))
+
+    body = await scrape_until(exporter.url, settled)
+    assert pods_with(body) == want, body
+    [timeouts] = series(body, "dnsprobe_probes_total", pod=sick.name, protocol="udp",
+                        result="timeout")
+    assert timeouts.value >= 1
+
+
+async def test_default_query_expects_the_kubernetes_cluster_ip_from_the_api(
+    lab: Lab, start_exporter: Start
+) -> None:
+    good, wrong = lab.add_pod(), lab.add_pod(Behaviour.WRONG_ANSWER)
+    lab.create_service()
+    exporter = start_exporter()
+
+    def settled(body: str) -> bool:
+        return bool(series(body, "dnsprobe_probes_total", pod=wrong.name,
+                           result="wrong_answer")) and probed(good.name)(body)
+
+    body = await scrape_until(exporter.url, settled)
+    [wrong_udp] = series(body, "dnsprobe_probes_total", pod=wrong.name, protocol="udp",
+                         result="wrong_answer")
+    assert wrong_udp.value >= 1
+    assert pods_with(body)[f"{wrong.name}/udp"] == 0.0
+    expected = [r["expect"] for r in exporter.logs if r.get("msg") == "targets updated"]
+    assert expected and set(expected) == {KUBERNETES_CLUSTER_IP}
+
+
+async def test_api_server_restart_keeps_probing_and_discovery_recovers(
+    lab: Lab, start_exporter: Start
+) -> None:
+    first = lab.add_pod()
+    lab.create_service()
+    exporter = start_exporter()
+    await scrape_until(exporter.url, probed(first.name))
+
+    def probes(body: str) -> float:
+        return sum(s.value for s in series(body, "dnsprobe_probes_total", pod=first.name))
+
+    def api_down(body: str) -> bool:
+        return bool([s for s in series(body, "dnsprobe_kubernetes_errors_total") if s.value])
+
+    lab.cluster.stop_apiserver()
+    try:
+        body = await scrape_until(exporter.url, api_down)
+        assert api_down(body), body
+        before = probes(body)
+        body = await scrape_until(exporter.url, lambda b: probes(b) >= before + 4)
+        assert probes(body) >= before + 4, "probing stopped while the API server was down"
+        assert probed(first.name)(body)
+    finally:
+        lab.cluster.start_apiserver()
+
+    second = lab.add_pod()
+    body = await scrape_until(exporter.url, probed(first.name, second.name), deadline=60)
+    assert probed(first.name, second.name)(body), body
+    errors = [r for r in exporter.logs if r.get("msg", "").startswith("Kubernetes API error")]
+    recovered = [r for r in exporter.logs if r.get("msg") == "Kubernetes API reachable again"]
+    seen = [(r["watch"], r["reason"], r["error"]) for r in errors]
+    assert errors and all(r["reason"] in ("unreachable", "timeout") for r in errors), seen
+    # Once per watch and change of state, not once per retry.
+    assert len(errors) <= 3 * 2, errors
+    assert {r["watch"] for r in recovered} >= {"pods"}
+
+
+async def test_service_account_without_list_permission_says_which(
+    lab: Lab, start_exporter: Start
+) -> None:
+    lab.add_pod()
+    lab.create_service()
+    token = lab.service_account_token("no-pods", [
+        {"apiGroups": [""], "resources": ["services"], "verbs": ["get", "list", "watch"]},
+    ])
+    exporter = start_exporter(token=token)
+
+    def refused(body: str) -> bool:
+        return bool(series(body, "dnsprobe_kubernetes_errors_total", resource="pods",
+                           reason="forbidden"))
+
+    await scrape_until(exporter.url, refused)
+    errors = [r for r in exporter.logs if r.get("msg", "").startswith("Kubernetes API error")
+              and r.get("watch") == "pods"]
+    assert errors, exporter.raw
+    assert errors[0]["reason"] == "forbidden"
+    assert f"may not list pods in namespace {lab.namespace}" in errors[0]["error"]
+    assert "system:serviceaccount:" in errors[0]["error"]
+    status, _, text = await scrape(exporter.url, "/-/ready")
+    assert status == 503, text
+    assert not any(r.get("level") == "raw" for r in exporter.logs), "a traceback was printed"
+
+
+def test_check_discovers_and_probes_once(lab: Lab) -> None:
+    pods = [lab.add_pod(), lab.add_pod()]
+    cluster_ip = lab.create_service()
+    kubeconfig = lab.admin_kubeconfig()
+    done = lab.node.run([sys.executable, "-m", "exporter", "check", "--json",
+                         "--kubeconfig", str(kubeconfig), "--namespace", lab.namespace])
+    assert done.returncode == 0, done.stderr + done.stdout
+    results = json.loads(done.stdout)["results"]
+    assert {(r["kind"], r["pod"], r["protocol"]) for r in results} == {
+        *(("pod", p.name, proto) for p in pods for proto in ("udp", "tcp")),
+        ("service", "", "udp"), ("service", "", "tcp"),
+    }
+    assert {r["address"] for r in results if r["kind"] == "service"} == {f"{cluster_ip}:53"}
+    assert all(r["outcome"] == "success" for r in results)
+
+
+def test_check_names_a_missing_service(lab: Lab) -> None:
+    kubeconfig = lab.admin_kubeconfig()
+    done = lab.node.run([sys.executable, "-m", "exporter", "check",
+                         "--kubeconfig", str(kubeconfig), "--namespace", lab.namespace])
+    assert done.returncode == 1
+    assert f"Service {lab.namespace}/kube-dns not found" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+async def test_removed_service_drops_targets_and_says_so(lab: Lab, start_exporter: Start) -> None:
+    pod = lab.add_pod()
+    lab.create_service()
+    exporter = start_exporter()
+    await scrape_until(exporter.url, probed(pod.name))
+    lab.core.delete_namespaced_service("kube-dns", lab.namespace, _preload_content=False)
+
+    def empty(body: str) -> bool:
+        return not series(body)
+
+    assert empty(await scrape_until(exporter.url, empty))
+    assert any("not found" in str(r.get("msg")) for r in exporter.logs)

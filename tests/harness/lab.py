@@ -83,6 +83,7 @@ class Lab:
         self.core: Any = cast(Any, kubernetes.client.CoreV1Api(self.api))
         self.rbac: Any = cast(Any, kubernetes.client.RbacAuthorizationV1Api(self.api))
         self.core.create_namespace({"metadata": {"name": self.namespace}})
+        self._namespaces: list[str] = [self.namespace]
 
     # -- network -----------------------------------------------------------------------
 
@@ -142,6 +143,13 @@ class Lab:
                                     "-j", "DNAT", "--to-destination", f"{ip}:53"])
 
     # -- Kubernetes objects ---------------------------------------------------------------
+
+    def other_namespace(self) -> str:
+        """Another Kubernetes namespace, deleted with the lab."""
+        name = f"t-{uuid.uuid4().hex[:8]}"
+        self.core.create_namespace({"metadata": {"name": name}})
+        self._namespaces.append(name)
+        return name
 
     def ensure_node(self, name: str) -> None:
         try:
@@ -203,7 +211,8 @@ class Lab:
         self.route_service()
 
     def delete_pod(self, pod: Pod) -> None:
-        self.core.delete_namespaced_pod(pod.name, self.namespace, grace_period_seconds=0)
+        self.core.delete_namespaced_pod(pod.name, self.namespace, grace_period_seconds=0,
+                                        _preload_content=False)
         del self.pods[pod.name]
         self.route_service()
         pod.stop()
@@ -244,6 +253,7 @@ class Lab:
         for relay in self._relays:
             relay.stop()
         self.node.delete()
-        with contextlib.suppress(kubernetes.client.ApiException):
-            self.core.delete_namespace(self.namespace)
+        for namespace in self._namespaces:
+            with contextlib.suppress(kubernetes.client.ApiException):
+                self.core.delete_namespace(namespace, _preload_content=False)
         self.api.close()
