@@ -102,7 +102,8 @@ class Discovery:
     # -- watches -----------------------------------------------------------------------
 
     def _start(self, name: str, resource: str, namespace: str,
-               convert: Callable[[Any], Any], **selectors: str) -> None:
+               convert: Callable[[Any], Any], *, label_selector: str = "",
+               field_selector: str = "") -> None:
         source = self._sources[name]
         if source.watcher is not None:
             source.watcher.stop()
@@ -117,7 +118,8 @@ class Discovery:
                 loop.call_soon_threadsafe(self._queue.put_nowait, (name, generation, event))
 
         source.watcher = kube.Watcher(
-            self._client, resource, namespace, convert, emit, **selectors
+            self._client, resource, namespace, convert, emit,
+            label_selector=label_selector, field_selector=field_selector,
         )
         source.watcher.start()
 

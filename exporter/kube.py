@@ -189,6 +189,9 @@ def classify(exc: BaseException, verb: str, resource: str, namespace: str) -> Ap
         return ApiProblem("error", f"{verb} {where}: HTTP {exc.status}: {detail}")
     if isinstance(exc, urllib3.exceptions.MaxRetryError) and exc.reason is not None:
         exc = exc.reason
+    # NewConnectionError is a ConnectTimeoutError to urllib3, but it means refused.
+    if isinstance(exc, urllib3.exceptions.NewConnectionError):
+        return ApiProblem("unreachable", f"{verb} {where}: cannot reach the API server: {exc}")
     if isinstance(exc, urllib3.exceptions.TimeoutError | TimeoutError):
         return ApiProblem("timeout", f"{verb} {where}: the API server did not answer in time")
     if isinstance(exc, urllib3.exceptions.SSLError) and "CERTIFICATE" in str(exc).upper():
@@ -249,14 +252,14 @@ class Client:
 
     def watch(
         self, resource: str, namespace: str, resource_version: str, *,
-        label_selector: str = "", field_selector: str = "",
+        label_selector: str = "", field_selector: str = "", seconds: int = WATCH_SECONDS,
     ) -> urllib3.HTTPResponse:
         """Open a watch (the response streams one JSON event per line)."""
         response: urllib3.HTTPResponse = self._call(
             resource, namespace, label_selector=label_selector, field_selector=field_selector,
             watch=True, resource_version=resource_version, allow_watch_bookmarks=True,
-            timeout_seconds=WATCH_SECONDS,
-            _request_timeout=(REQUEST_TIMEOUT[0], WATCH_SECONDS + WATCH_GRACE),
+            timeout_seconds=seconds,
+            _request_timeout=(REQUEST_TIMEOUT[0], seconds + WATCH_GRACE),
         )
         return response
 
@@ -337,8 +340,10 @@ class Watcher:
         *,
         label_selector: str = "",
         field_selector: str = "",
+        watch_seconds: int = WATCH_SECONDS,
     ) -> None:
         self._client = client
+        self._watch_seconds = watch_seconds
         self.resource = resource
         self.namespace = namespace
         self._convert = convert
@@ -348,11 +353,16 @@ class Watcher:
         self._lock = threading.Lock()
         self._response: urllib3.HTTPResponse | None = None
         self._failing = False
+        self._start_version = ""
+        self.watches = 0  # watch requests opened (a resumed watch is a new one)
+        self.relists = 0  # lists after a 410
         self._thread = threading.Thread(
             target=self._run, name=f"watch-{resource}-{namespace}", daemon=True
         )
 
-    def start(self) -> None:
+    def start(self, resource_version: str = "") -> None:
+        """Start watching; from `resource_version` if given (else list first)."""
+        self._start_version = resource_version
         self._thread.start()
 
     def stop(self) -> None:
@@ -373,7 +383,7 @@ class Watcher:
 
     def _run(self) -> None:
         delay = BACKOFF_MIN
-        version = ""
+        version = self._start_version
         while not self._stop.is_set():
             verb = "watch" if version else "list"
             try:
@@ -386,7 +396,9 @@ class Watcher:
                 version = self._watch(version)
                 delay = BACKOFF_MIN
             except _Gone:
-                log.debug("watch of %s expired (410); relisting", self.resource)
+                log.info("watch of %s in %s expired (410 Gone): listing again",
+                         self.resource, self.namespace)
+                self.relists += 1
                 version = ""
             except Exception as exc:
                 if self._stop.is_set():
@@ -397,12 +409,16 @@ class Watcher:
 
     def _watch(self, version: str) -> str:
         """Follow changes from `version` until the server ends the watch; the last version."""
-        response = self._client.watch(self.resource, self.namespace, version, **self._selectors)
+        response = self._client.watch(
+            self.resource, self.namespace, version, seconds=self._watch_seconds,
+            **self._selectors,
+        )
         with self._lock:
             if self._stop.is_set():
                 response.release_conn()
                 return version
             self._response = response
+        self.watches += 1
         self._ok()
         try:
             for line in _lines(response):
