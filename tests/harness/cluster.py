@@ -5,7 +5,7 @@ etcd-server), cached outside the repository. Token authentication and RBAC are o
 a real cluster. There is no kubelet and no scheduler: the tests create Node and Pod
 objects and patch their status to point at CoreDNS processes in network namespaces.
 
-`python -m tests.harness.cluster` starts the same cluster by hand (see docs/testing.md).
+`scripts/test-cluster` starts the same cluster by hand (see docs/testing.md).
 """
 
 from __future__ import annotations
@@ -208,33 +208,3 @@ class Cluster:
         path.write_text(json.dumps(config, indent=2))
         os.chmod(path, 0o600)
         return path
-
-
-def main() -> int:
-    """Start the test cluster by hand and keep it running until Ctrl-C."""
-    import argparse
-    import signal
-    import tempfile
-
-    parser = argparse.ArgumentParser(prog="python -m tests.harness.cluster")
-    parser.add_argument("--workdir", type=Path, default=None)
-    args = parser.parse_args()
-    reason = binaries_missing()
-    if reason:
-        print(reason)
-        return 1
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="coredns-health-exporter-cluster-"))
-    cluster = Cluster(workdir)
-    cluster.start()
-    print(f"test cluster up: {cluster.server}")
-    print(f"  export KUBECONFIG={cluster.admin_kubeconfig}")
-    print(f"  logs in {workdir}; Ctrl-C stops it")
-    try:
-        signal.sigwait({signal.SIGINT, signal.SIGTERM})
-    finally:
-        cluster.stop()
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -82,8 +82,13 @@ class Lab:
         )
         self.core: Any = cast(Any, kubernetes.client.CoreV1Api(self.api))
         self.rbac: Any = cast(Any, kubernetes.client.RbacAuthorizationV1Api(self.api))
-        self.core.create_namespace({"metadata": {"name": self.namespace}})
-        self._namespaces: list[str] = [self.namespace]
+        self._namespaces: list[str] = []  # those the lab made, and deletes
+        try:
+            self.core.create_namespace({"metadata": {"name": self.namespace}})
+            self._namespaces.append(self.namespace)
+        except kubernetes.client.ApiException as exc:
+            if exc.status != 409:  # an existing namespace (kube-system) is used, not owned
+                raise
 
     # -- network -----------------------------------------------------------------------
 
