@@ -313,7 +313,8 @@ Failing results among the last {len(state.scheduler.history)}: {failing}.</p>
 {"".join(rows) or '<tr><td colspan="9">no targets</td></tr>'}
 </table>
 <h2>Remediations</h2>
-<p>None: remediation needs Kubernetes, and this exporter is probing static targets.</p>
+<p>{"None: remediation needs Kubernetes, and this exporter is probing static targets."
+      if state.discovery is None else "None yet."}</p>
 </body></html>
 """
     return web.Response(text=page, content_type="text/html")

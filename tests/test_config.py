@@ -201,3 +201,17 @@ def test_cli_missing_kubeconfig_is_a_config_error(tmp_path: Path) -> None:
     proc = run_cli("check", "--kubeconfig", str(tmp_path / "absent"))
     assert proc.returncode == 2
     assert "no such file" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["not: [valid", "apiVersion: v1\nkind: Config\nclusters: []\ncontexts: []\nusers: []\n"],
+    ids=["not-yaml", "no-context"],
+)
+def test_cli_unusable_kubeconfig_is_a_config_error(tmp_path: Path, text: str) -> None:
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(text)
+    proc = run_cli("serve", "--kubeconfig", str(kubeconfig))
+    assert proc.returncode == 2, proc.stderr
+    assert f"cannot use the Kubernetes config {kubeconfig}" in proc.stderr
+    assert "Traceback" not in proc.stderr
