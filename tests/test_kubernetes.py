@@ -290,3 +290,21 @@ async def test_removed_service_drops_targets_and_says_so(lab: Lab, start_exporte
 
     assert empty(await scrape_until(exporter.url, empty))
     assert any("not found" in str(r.get("msg")) for r in exporter.logs)
+
+
+async def test_rejected_token_is_reported_and_not_ready(lab: Lab, start_exporter: Start) -> None:
+    lab.add_pod()
+    lab.create_service()
+    exporter = start_exporter(token="not-a-valid-token")
+
+    def rejected(body: str) -> bool:
+        return bool(series(body, "dnsprobe_kubernetes_errors_total", reason="unauthorized"))
+
+    assert rejected(await scrape_until(exporter.url, rejected))
+    errors = [r for r in exporter.logs if r.get("msg", "").startswith("Kubernetes API error")]
+    assert errors and all(r["reason"] == "unauthorized" for r in errors)
+    assert "token is invalid or expired" in errors[0]["error"]
+    status, _, _ = await scrape(exporter.url, "/-/ready")
+    assert status == 503
+    _, _, body = await scrape(exporter.url)
+    assert not series(body)
