@@ -22,7 +22,7 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
-from .components import CACHE
+from .components import CACHE, stop_process
 
 KUBE_BIN = CACHE / "kube" / "bin"
 SERVICE_CIDR = "10.96.0.0/16"
@@ -89,13 +89,7 @@ class Process:
         return "\n".join(text[-lines:])
 
     def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.terminate()
-            try:
-                self.popen.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(timeout=10)
+        stop_process(self.popen)
 
 
 class Cluster:

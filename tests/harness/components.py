@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -43,3 +45,14 @@ def can_use_netns() -> str | None:
         if shutil.which(tool) is None:
             return f"`{tool}` is not installed (scripts/install-test-tools installs it)"
     return None
+
+
+def stop_process(process: subprocess.Popen[Any], timeout: float = 15) -> None:
+    """End a process this suite started, by its PID: SIGTERM, then SIGKILL if it lingers."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
