@@ -19,17 +19,17 @@ from prometheus_client import CollectorRegistry, Gauge, PlatformCollector, Proce
 from prometheus_client.exposition import choose_encoder, generate_latest
 
 from . import __version__, kube
-from .collector import ResultStore, register
+from .collector import ProcessMetrics, ResultStore, register
 from .config import DEFAULT_QUERY_LABEL, ConfigError, Settings, parse_query
 from .discovery import Discovery
 from .probe import Outcome, ProbeResult, Protocol, Query, probe
+from .remediate import Action, ApiUnavailable, Decision, Remediator
 from .scheduler import Scheduler
 from .targets import Check, Target, parse_endpoint, read_resolv_conf, static_targets
+from .webhook import MAX_BODY, PayloadError, TokenFile, authorized, parse_payload
 
 log = logging.getLogger(__name__)
 
-# Bodies larger than this are refused with 413 (the webhook's limit, DESIGN.md).
-MAX_BODY = 1024 * 1024
 # Upper bound for /probe?timeout=: a scrape that waits longer is a misconfiguration.
 MAX_PROBE_TIMEOUT = 30.0
 
@@ -52,7 +52,10 @@ class AppState:
     registry: CollectorRegistry
     store: ResultStore
     scheduler: Scheduler
+    metrics: ProcessMetrics
     discovery: Discovery | None = None
+    remediator: Remediator | None = None
+    token: TokenFile = field(default_factory=lambda: TokenFile(None))
     started_at: float = field(default_factory=time.time)
 
     @property
@@ -127,22 +130,27 @@ def create_app(settings: Settings, plan: Plan) -> web.Application:
     PlatformCollector(registry=registry)
     scheduler = Scheduler(settings.probe, store, metrics)
     scheduler.set_targets(plan.targets, plan.queries)
-    discovery = None
+    discovery = remediator = None
     if plan.client is not None:
         discovery = Discovery(
             settings, plan.client, scheduler, metrics,
             lambda expect: default_query(settings, expect),
         )
         holder.append(discovery)
+        remediator = Remediator(settings, plan.client, metrics, lambda: discovery.queries)
     else:
         metrics.discovery_synced.set(1)
 
     app = web.Application(client_max_size=MAX_BODY)
-    app[STATE] = AppState(settings, plan, registry, store, scheduler, discovery)
+    app[STATE] = AppState(
+        settings, plan, registry, store, scheduler, metrics, discovery, remediator,
+        TokenFile(settings.remediation.webhook_token_file),
+    )
     app.cleanup_ctx.append(_probe_loop)
     app.router.add_get("/", status_page)
     app.router.add_get("/metrics", metrics_handler)
     app.router.add_get("/probe", probe_handler)
+    app.router.add_post("/webhook/alertmanager", webhook_handler)
     app.router.add_get("/-/healthy", healthy)
     app.router.add_get("/-/ready", ready)
     return app
@@ -178,6 +186,49 @@ async def ready(request: web.Request) -> web.Response:
     if request.app[STATE].ready:
         return web.Response(text="Ready.\n")
     return web.Response(status=503, text="Not ready: target discovery has not synced yet.\n")
+
+
+async def webhook_handler(request: web.Request) -> web.Response:
+    """Alertmanager's webhook: 503 (no token), 401, 413, 400, then a decision per alert."""
+    state = request.app[STATE]
+    token = state.token.current()
+    if token is None:
+        state.token.tell_once()
+        return web.Response(status=503, text=f"webhook disabled: {state.token.problem}\n")
+    if not authorized(request.headers.get("Authorization", ""), token):
+        return web.Response(status=401, text="unauthorized: a valid bearer token is required\n",
+                            headers={"WWW-Authenticate": 'Bearer realm="webhook"'})
+    too_large = web.Response(status=413, text=f"body larger than {MAX_BODY} bytes\n")
+    if request.content_length is not None and request.content_length > MAX_BODY:
+        return too_large
+    try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        return too_large
+    try:
+        payload = parse_payload(body)
+    except PayloadError as exc:
+        log.warning("webhook: bad payload", extra={"fields": {"error": str(exc)}})
+        return web.Response(status=400, text=f"bad Alertmanager payload: {exc}\n")
+    if state.remediator is None:
+        decisions = [Decision(Action.SKIP, "no_kubernetes", "remediation needs Kubernetes "
+                              "discovery; this exporter probes static targets")
+                     for _ in payload.alerts]
+        for d in decisions:
+            state.metrics.remediations.labels(action=d.action.value, result=d.result).inc()
+        log.info("remediation skipped: no Kubernetes", extra={"fields": {
+            "alerts": len(decisions)}})
+    else:
+        try:
+            decisions = await state.remediator.handle(payload)
+        except ApiUnavailable as exc:
+            log.warning("webhook: Kubernetes API unavailable; answering 503 so that "
+                        "Alertmanager retries", extra={"fields": {"error": str(exc)}})
+            return web.Response(status=503, text=f"Kubernetes API unavailable: {exc}\n")
+    return web.json_response({"decisions": [
+        {"pod": d.pod, "namespace": d.namespace, "alert": d.alert, "action": d.action.value,
+         "result": d.result, "message": d.message} for d in decisions
+    ]})
 
 
 class _BadRequest(Exception):
@@ -279,6 +330,22 @@ def _cell(result: ProbeResult | None) -> str:
     )
 
 
+def _remediations(state: AppState) -> str:
+    if state.remediator is None:
+        return "<p>None: remediation needs Kubernetes; this exporter probes static targets.</p>"
+    mode = html.escape(state.settings.remediation.mode.value)
+    rows = [
+        f"<tr><td>{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(d.at))}</td>"
+        f"<td>{html.escape(d.pod)}</td><td>{html.escape(d.alert)}</td>"
+        f"<td>{html.escape(d.action.value)}</td><td>{html.escape(d.result)}</td>"
+        f"<td>{html.escape(d.message)}</td></tr>"
+        for d in reversed(state.remediator.recent)
+    ]
+    return (f"<p>Mode: {mode}. Last decisions, newest first (UTC):</p><table><tr><th>time</th>"
+            "<th>pod</th><th>alert</th><th>action</th><th>result</th><th>why</th></tr>"
+            + ("".join(rows) or '<tr><td colspan="6">none yet</td></tr>') + "</table>")
+
+
 async def status_page(request: web.Request) -> web.Response:
     state = request.app[STATE]
     latest = state.store.latest()
@@ -313,8 +380,7 @@ Failing results among the last {len(state.scheduler.history)}: {failing}.</p>
 {"".join(rows) or '<tr><td colspan="9">no targets</td></tr>'}
 </table>
 <h2>Remediations</h2>
-<p>{"None: remediation needs Kubernetes, and this exporter is probing static targets."
-      if state.discovery is None else "None yet."}</p>
+{_remediations(state)}
 </body></html>
 """
     return web.Response(text=page, content_type="text/html")

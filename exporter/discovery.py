@@ -73,6 +73,13 @@ class Discovery:
         self._warned: set[str] = set()
 
     @property
+    def queries(self) -> tuple[Query, ...]:
+        """The queries being probed now (the default one with its expected answer)."""
+        if self._published is not None:
+            return self._published[1]
+        return self._settings.probe.queries or (self._default_query(()),)
+
+    @property
     def needs_kubernetes_ip(self) -> bool:
         return not self._settings.probe.queries
 
@@ -280,7 +287,7 @@ async def discover_once(
     def work() -> tuple[list[Target], tuple[Query, ...]]:
         step = ("list", "services", d.namespace)
         try:
-            items, _ = client.list("services", d.namespace,
+            items, _ = client.list_objects("services", d.namespace,
                                    field_selector=f"metadata.name={d.service}")
             if not items:
                 raise DiscoveryError(f"Service {d.namespace}/{d.service} not found")
@@ -288,7 +295,7 @@ async def discover_once(
             pods: list[PodInfo] = []
             if service.selector:
                 step = ("list", "pods", d.namespace)
-                pod_items, _ = client.list("pods", d.namespace,
+                pod_items, _ = client.list_objects("pods", d.namespace,
                                            label_selector=kube.label_selector(service.selector))
                 pods = [kube.pod_info(p) for p in pod_items]
             queries = settings.probe.queries
@@ -296,7 +303,7 @@ async def discover_once(
                 expect: tuple[str, ...] = ()
                 step = ("list", "services", "default")
                 try:
-                    found, _ = client.list("services", "default",
+                    found, _ = client.list_objects("services", "default",
                                            field_selector="metadata.name=kubernetes")
                     ips = kube.service_info(found[0]).cluster_ips if found else ()
                     expect = ips[:1]

@@ -45,6 +45,9 @@ BACKOFF_MIN = 0.5
 BACKOFF_MAX = 30.0
 
 
+ApiException = kubernetes.client.ApiException
+
+
 class KubeConfigError(Exception):
     """A Kubernetes configuration was named but cannot be used."""
 
@@ -138,6 +141,7 @@ def pod_info(obj: Mapping[str, Any]) -> PodInfo:
         phase=_str(status.get("phase")),
         labels=tuple(sorted((str(k), _str(v)) for k, v in _dict(meta.get("labels")).items())),
         deleting=bool(meta.get("deletionTimestamp")),
+        created=_str(meta.get("creationTimestamp")),
     )
 
 
@@ -212,6 +216,7 @@ class Client:
         self.api = api
         self.source = source
         self.core = kubernetes.client.CoreV1Api(api)
+        self._policy: str | None = None
 
     @classmethod
     def connect(cls, source: str) -> Client:
@@ -237,7 +242,7 @@ class Client:
     def close(self) -> None:
         self.api.close()  # type: ignore[no-untyped-call]
 
-    def list(
+    def list_objects(
         self, resource: str, namespace: str, *, label_selector: str = "",
         field_selector: str = "",
     ) -> tuple[list[Mapping[str, Any]], str]:
@@ -262,6 +267,107 @@ class Client:
             _request_timeout=(REQUEST_TIMEOUT[0], seconds + WATCH_GRACE),
         )
         return response
+
+    # -- plain requests (remediation) -------------------------------------------------
+
+    def request(
+        self, method: str, path: str, *, query: Mapping[str, str] | None = None,
+        body: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """One API request with JSON in and out; ApiException for any non-2xx answer."""
+        headers = {"Accept": "application/json"}
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        params = self.api.param_serialize(
+            method=method, resource_path=path, query_params=list((query or {}).items()),
+            header_params=headers, body=body, auth_settings=["BearerToken"],
+        )
+        response = self.api.call_api(*params, _request_timeout=REQUEST_TIMEOUT)
+        response.read()  # type: ignore[no-untyped-call]
+        text = (response.data or b"").decode("utf-8", errors="replace")
+        if not 200 <= response.status <= 299:
+            raise kubernetes.client.ApiException(
+                status=response.status, reason=response.reason, body=text
+            )
+        data = json.loads(text) if text else {}
+        return data if isinstance(data, dict) else {}
+
+    def get_pod(self, namespace: str, name: str) -> PodInfo | None:
+        """The pod now, or None when it does not exist."""
+        try:
+            return pod_info(self.request("GET", f"/api/v1/namespaces/{namespace}/pods/{name}"))
+        except kubernetes.client.ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def get_service(self, namespace: str, name: str) -> ServiceInfo | None:
+        try:
+            obj = self.request("GET", f"/api/v1/namespaces/{namespace}/services/{name}")
+        except kubernetes.client.ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return service_info(obj)
+
+    def list_pods(self, namespace: str, selector: tuple[tuple[str, str], ...]) -> list[PodInfo]:
+        items, _ = self.list_objects("pods", namespace, label_selector=label_selector(selector))
+        return [pod_info(i) for i in items]
+
+    def list_deployments(self, namespace: str) -> list[Mapping[str, Any]]:
+        body = self.request("GET", f"/apis/apps/v1/namespaces/{namespace}/deployments")
+        return [_dict(i) for i in _list(body.get("items"))]
+
+    def evict(self, namespace: str, name: str, uid: str, *, dry_run: bool) -> None:
+        """POST an Eviction for the pod with this UID (a precondition: a replacement pod of
+        the same name is never hit). policy/v1 where served, else policy/v1beta1 (1.20)."""
+        options: dict[str, Any] = {"preconditions": {"uid": uid}}
+        if dry_run:
+            options["dryRun"] = ["All"]
+        body = {
+            "apiVersion": self._policy_version(), "kind": "Eviction",
+            "metadata": {"name": name, "namespace": namespace},
+            "deleteOptions": options,
+        }
+        self.request("POST", f"/api/v1/namespaces/{namespace}/pods/{name}/eviction", body=body)
+
+    def delete_pod(self, namespace: str, name: str, uid: str, *, dry_run: bool) -> None:
+        body: dict[str, Any] = {"preconditions": {"uid": uid}}
+        query = {"dryRun": "All"} if dry_run else None
+        self.request("DELETE", f"/api/v1/namespaces/{namespace}/pods/{name}", body=body,
+                     query=query)
+
+    def _policy_version(self) -> str:
+        if self._policy is None:
+            try:
+                self.request("GET", "/apis/policy/v1")
+                self._policy = "policy/v1"
+            except kubernetes.client.ApiException as exc:
+                if exc.status != 404:
+                    raise
+                self._policy = "policy/v1beta1"
+        return self._policy
+
+    def create_event(self, namespace: str, body: Mapping[str, Any]) -> None:
+        self.request("POST", f"/api/v1/namespaces/{namespace}/events", body=body)
+
+    def get_lease(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return self.request(
+                "GET", f"/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases/{name}"
+            )
+        except kubernetes.client.ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def write_lease(self, namespace: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        """Create the Lease (no resourceVersion) or replace it (with one: 409 if stale)."""
+        base = f"/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases"
+        meta = _dict(body.get("metadata"))
+        if meta.get("resourceVersion"):
+            return self.request("PUT", f"{base}/{meta['name']}", body=body)
+        return self.request("POST", base, body=body)
 
     def _call(self, resource: str, namespace: str, **kwargs: Any) -> Any:
         method = {
@@ -388,7 +494,7 @@ class Watcher:
             verb = "watch" if version else "list"
             try:
                 if not version:
-                    items, version = self._client.list(
+                    items, version = self._client.list_objects(
                         self.resource, self.namespace, **self._selectors
                     )
                     self._ok()

@@ -153,6 +153,7 @@ class PodInfo:
     phase: str
     labels: tuple[tuple[str, str], ...] = ()
     deleting: bool = False
+    created: str = ""  # metadata.creationTimestamp, RFC 3339
 
     def matches(self, selector: tuple[tuple[str, str], ...]) -> bool:
         """True if every key=value of a (non-empty) Service selector is among the labels."""

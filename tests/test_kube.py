@@ -219,7 +219,7 @@ def test_watch_from_an_expired_version_lists_again(
     the new server's watch cache, which answers 410 Gone; the watcher lists again."""
     client, core, namespace = admin
     make_pod(core, namespace, "existing")
-    _, version = client.list("pods", namespace)
+    _, version = client.list_objects("pods", namespace)
     make_pod(core, namespace, "later")
     kube_cluster.stop_apiserver()
     kube_cluster.start_apiserver()

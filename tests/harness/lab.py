@@ -16,12 +16,16 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
 import kubernetes
+import yaml
+
+from exporter.kube import Client as ExporterClient
 
 from . import coredns
 from .cluster import Cluster
@@ -65,6 +69,8 @@ class Lab:
         self._relays: list[Relay] = []
         self._ready: dict[str, bool] = {}
         self._others: list[Pod] = []  # pods in other namespaces
+        self._cleanup: list[tuple[str, str, str]] = []  # objects outside our namespaces
+        self._raw: ExporterClient | None = None
         self.node = NetNS("node")
         for args in (
             ["ip", "link", "add", "br0", "type", "bridge"],
@@ -252,7 +258,85 @@ class Lab:
         token: str = request.status.token
         return token
 
+    @property
+    def raw(self) -> ExporterClient:
+        """The exporter's own plain-JSON client, as admin: for APIs 1.20 serves in versions
+        the generated client no longer has (policy/v1beta1)."""
+        if self._raw is None:
+            self._raw = ExporterClient.connect(str(self.cluster.admin_kubeconfig))
+        return self._raw
+
+    def create_pdb(self, min_available: int) -> None:
+        """A PodDisruptionBudget over the CoreDNS pods; returns once the disruption
+        controller has computed its status."""
+        base = f"/apis/policy/v1beta1/namespaces/{self.namespace}/poddisruptionbudgets"
+        self.raw.request("POST", base, body={
+            "apiVersion": "policy/v1beta1", "kind": "PodDisruptionBudget",
+            "metadata": {"name": "coredns"},
+            "spec": {"minAvailable": min_available, "selector": {"matchLabels": SELECTOR}},
+        })
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            status = self.raw.request("GET", f"{base}/coredns").get("status", {})
+            if status.get("observedGeneration") and "disruptionsAllowed" in status:
+                return
+            time.sleep(0.2)  # polling the controller's status: it has no event to wait on
+        raise RuntimeError("the disruption controller did not process the PDB")
+
+    def create_deployment(self, rolled_out: bool) -> None:
+        """A CoreDNS Deployment whose status says it is rolled out, or mid-rollout (no
+        deployment controller runs here: the status is written by hand)."""
+        base = f"/apis/apps/v1/namespaces/{self.namespace}/deployments"
+        dep = self.raw.request("POST", base, body={
+            "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "coredns"},
+            "spec": {"replicas": len(self.pods), "selector": {"matchLabels": SELECTOR},
+                     "template": {"metadata": {"labels": SELECTOR}, "spec": {
+                         "containers": [{"name": "coredns", "image": "coredns"}]}}},
+        })
+        n = len(self.pods)
+        dep["status"] = {"observedGeneration": dep["metadata"]["generation"], "replicas": n,
+                         "updatedReplicas": n if rolled_out else n - 1,
+                         "readyReplicas": n, "availableReplicas": n}
+        self.raw.request("PUT", f"{base}/coredns/status", body=dep)
+
+    def apply_deploy_rbac(self, path: Path) -> str:
+        """Apply deploy/'s RBAC with this lab's namespace standing for both kube-system and
+        the exporter's namespace; returns a token of its ServiceAccount."""
+        docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
+        account = ""
+        for doc in docs:
+            meta = doc["metadata"]
+            if meta.get("namespace") in ("kube-system", "coredns-health-exporter"):
+                meta["namespace"] = self.namespace
+            else:  # default: shared by every test, so a name of this lab's own
+                meta["name"] = f"{meta['name']}-{self.namespace}"
+                if doc["kind"] == "RoleBinding":
+                    doc["roleRef"]["name"] = meta["name"]
+                self._cleanup.append((doc["kind"], meta["namespace"], meta["name"]))
+            for subject in doc.get("subjects", []):
+                subject["namespace"] = self.namespace
+            ns = meta["namespace"]
+            if doc["kind"] == "ServiceAccount":
+                self.core.create_namespaced_service_account(ns, doc, _preload_content=False)
+                account = meta["name"]
+            elif doc["kind"] == "Role":
+                self.rbac.create_namespaced_role(ns, doc, _preload_content=False)
+            elif doc["kind"] == "RoleBinding":
+                self.rbac.create_namespaced_role_binding(ns, doc, _preload_content=False)
+            else:
+                raise ValueError(f"unexpected kind {doc['kind']} in {path}")
+        request = self.core.create_namespaced_service_account_token(
+            account, self.namespace, {"spec": {"audiences": [], "expirationSeconds": 3600}}
+        )
+        token: str = request.status.token
+        return token
+
     def close(self) -> None:
+        for kind, ns, name in self._cleanup:
+            delete = {"Role": self.rbac.delete_namespaced_role,
+                      "RoleBinding": self.rbac.delete_namespaced_role_binding}[kind]
+            with contextlib.suppress(kubernetes.client.ApiException):
+                delete(name, ns, _preload_content=False)
         for pod in [*self.pods.values(), *self._others]:
             pod.stop()
         for relay in self._relays:
@@ -262,3 +346,5 @@ class Lab:
             with contextlib.suppress(kubernetes.client.ApiException):
                 self.core.delete_namespace(namespace, _preload_content=False)
         self.api.close()
+        if self._raw is not None:
+            self._raw.close()

@@ -1,0 +1,384 @@
+"""The Alertmanager webhook against the real test cluster: the exporter runs in the node
+namespace as deploy/'s ServiceAccount (its RBAC applied for real), receives version 4
+payloads, and evicts only a UDP-dead CoreDNS pod, once, under every guard."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import kubernetes
+import pytest
+
+from tests.harness.exporter import Exporter
+from tests.harness.lab import Lab, Pod
+from tests.harness.scrape import samples
+
+RBAC = Path(__file__).resolve().parents[1] / "deploy" / "base" / "rbac.yaml"
+TOKEN = "s3cret-webhook-token"
+FAST = ["--interval", "0.5", "--timeout", "0.3"]
+ALERT = "CoreDNSPodUDPFailing"
+
+
+def alert(pod: Pod | str, namespace: str, *, status: str = "firing",
+          starts_at: datetime | None = None, fingerprint: str | None = None,
+          **labels: str) -> dict[str, Any]:
+    name = pod if isinstance(pod, str) else pod.name
+    return {
+        "status": status,
+        "labels": {"alertname": ALERT, "namespace": namespace, "pod": name, **labels},
+        "annotations": {"summary": "UDP DNS failing"},
+        # By default now: after the pods were made, as a real alert starts after its pod.
+        "startsAt": (starts_at or datetime.now(UTC)).isoformat().replace("+00:00", "Z"),
+        "endsAt": "0001-01-01T00:00:00Z",
+        "generatorURL": "http://prometheus/graph",
+        "fingerprint": fingerprint or uuid.uuid4().hex[:16],
+    }
+
+
+def payload(*alerts: dict[str, Any], version: str = "4") -> dict[str, Any]:
+    return {
+        "version": version, "groupKey": "{}:{pod}", "truncatedAlerts": 0,
+        "status": "firing", "receiver": "coredns-health-exporter",
+        "groupLabels": {}, "commonLabels": {}, "commonAnnotations": {},
+        "externalURL": "http://alertmanager", "alerts": list(alerts),
+        "someFutureField": {"ignored": True},
+    }
+
+
+async def post(exporter: Exporter, body: Any, token: str | None = TOKEN,
+               raw: bytes | None = None) -> tuple[int, Any]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with aiohttp.ClientSession() as session, session.post(
+        exporter.url + "/webhook/alertmanager", headers=headers,
+        data=raw if raw is not None else None, json=None if raw is not None else body,
+    ) as resp:
+        text = await resp.text()
+        if resp.content_type == "application/json":
+            return resp.status, await resp.json()
+        return resp.status, text
+
+
+def results(answer: Any) -> list[tuple[str, str, str]]:
+    return [(d["pod"], d["action"], d["result"]) for d in answer["decisions"]]
+
+
+Start = Callable[..., Exporter]
+
+
+@pytest.fixture
+def token_file(tmp_path: Path) -> Path:
+    path = tmp_path / "webhook-token"
+    path.write_text(TOKEN + "\n")
+    return path
+
+
+@pytest.fixture
+def sa_token(lab: Lab) -> str:
+    return lab.apply_deploy_rbac(RBAC)
+
+
+@pytest.fixture
+def start(lab: Lab, sa_token: str, token_file: Path) -> Iterator[Start]:
+    """`serve` in the node namespace as deploy/'s ServiceAccount, remediation on."""
+    started: list[Exporter] = []
+
+    def run(*args: str, mode: str = "evict", webhook: bool = True,
+            token: str | None = None) -> Exporter:
+        kubeconfig = lab.kubeconfig(token or sa_token, f"sa-{len(started)}")
+        extra = ["--webhook-token-file", str(token_file)] if webhook else []
+        exporter = Exporter(
+            ["--kubeconfig", str(kubeconfig), "--namespace", lab.namespace, *FAST,
+             "--remediation", mode, *extra, *args],
+            netns=lab.node, expose=lambda a: lab.relay_out(a).address,
+        )
+        started.append(exporter)
+        return exporter
+
+    yield run
+    for exporter in started:
+        exporter.stop()
+
+
+def evicted(lab: Lab, pod: Pod) -> bool:
+    obj = lab.core.read_namespaced_pod(pod.name, lab.namespace, _preload_content=False)
+    return bool(json.loads(obj.data)["metadata"].get("deletionTimestamp"))
+
+
+def events(lab: Lab, pod: Pod) -> list[dict[str, Any]]:
+    resp = lab.core.list_namespaced_event(
+        lab.namespace, field_selector=f"involvedObject.name={pod.name}", _preload_content=False)
+    items: list[dict[str, Any]] = json.loads(resp.data)["items"]
+    return items
+
+
+def counter(body: str, action: str, result: str) -> float:
+    return sum(s.value for s in samples(body) if s.name == "dnsprobe_remediations_total"
+               and s.labels == {"action": action, "result": result})
+
+
+async def metrics(exporter: Exporter) -> str:
+    async with aiohttp.ClientSession() as session, session.get(exporter.url + "/metrics") as r:
+        return await r.text()
+
+
+def sick_and_healthy(lab: Lab) -> tuple[Pod, Pod]:
+    sick, healthy = lab.add_pod(), lab.add_pod()
+    lab.create_service()
+    sick.netns.drop("udp", 53)
+    return sick, healthy
+
+
+# -- the act ------------------------------------------------------------------------------
+
+
+async def test_udp_dead_pod_is_evicted_once_with_event_and_metric(
+    lab: Lab, start: Start
+) -> None:
+    sick, healthy = sick_and_healthy(lab)
+    exporter = start()
+    body = payload(alert(sick, lab.namespace))
+    status, answer = await post(exporter, body)
+    assert status == 200, answer
+    assert results(answer) == [(sick.name, "evict", "success")]
+    assert evicted(lab, sick) and not evicted(lab, healthy)
+    [event] = events(lab, sick)
+    assert event["reason"] == "CoreDNSPodEvicted" and event["type"] == "Warning"
+    assert ALERT in event["message"] and "udp" in event["message"].lower()
+    assert event["involvedObject"]["uid"]
+    assert counter(await metrics(exporter), "evict", "success") == 1
+
+    # Alertmanager repeats the same notification: the episode is acted on once.
+    status, answer = await post(exporter, body)
+    assert status == 200 and results(answer) == [(sick.name, "skip", "duplicate")]
+    assert len(events(lab, sick)) == 1
+    logs = [r for r in exporter.logs if r.get("msg") == "evicted pod"]
+    assert len(logs) == 1 and logs[0]["pod"] == sick.name and logs[0]["alert"] == ALERT
+
+
+async def test_dry_run_writes_the_event_but_evicts_nothing(lab: Lab, start: Start) -> None:
+    sick, _ = sick_and_healthy(lab)
+    exporter = start(mode="dry-run")
+    status, answer = await post(exporter, payload(alert(sick, lab.namespace)))
+    assert status == 200 and results(answer) == [(sick.name, "dry_run", "success")]
+    assert not evicted(lab, sick)
+    [event] = events(lab, sick)
+    assert event["reason"] == "CoreDNSPodEvictionDryRun"
+    assert "would evict" in event["message"]
+    assert any(r.get("msg") == "would evict (dry run)" for r in exporter.logs)
+
+
+async def test_two_replicas_at_once_evict_one_pod(lab: Lab, start: Start) -> None:
+    sick, _ = sick_and_healthy(lab)
+    first, second = start(), start()
+    body = payload(alert(sick, lab.namespace))
+    answers = await asyncio.gather(post(first, body), post(second, body))
+    decisions = [r for status, answer in answers for r in results(answer)]
+    assert all(status == 200 for status, _ in answers)
+    assert sorted(a for _, a, _ in decisions) == ["evict", "skip"], decisions
+    assert len(events(lab, sick)) == 1
+
+
+async def test_cooldown_holds_across_pods_and_exporter_restarts(lab: Lab, start: Start) -> None:
+    sick, other_sick, _ = lab.add_pod(), lab.add_pod(), lab.add_pod()
+    lab.create_service()
+    sick.netns.drop("udp", 53)
+    other_sick.netns.drop("udp", 53)
+    exporter = start("--cooldown", "5m")
+    _, answer = await post(exporter, payload(alert(sick, lab.namespace)))
+    assert results(answer) == [(sick.name, "evict", "success")]
+    exporter.stop()
+    restarted = start("--cooldown", "5m")  # a new process: the Lease remembers
+    _, answer = await post(restarted, payload(alert(other_sick, lab.namespace)))
+    assert results(answer) == [(other_sick.name, "skip", "cooldown")]
+    assert not evicted(lab, other_sick)
+
+
+# -- guards -------------------------------------------------------------------------------
+
+
+async def test_healthy_pod_is_not_restarted(lab: Lab, start: Start) -> None:
+    _, healthy = sick_and_healthy(lab)
+    exporter = start()
+    status, answer = await post(exporter, payload(alert(healthy, lab.namespace)))
+    assert status == 200 and results(answer) == [(healthy.name, "skip", "healthy")]
+    assert not evicted(lab, healthy) and not events(lab, healthy)
+
+
+async def test_resolved_alert_is_not_acted_on(lab: Lab, start: Start) -> None:
+    sick, _ = sick_and_healthy(lab)
+    exporter = start()
+    _, answer = await post(exporter, payload(alert(sick, lab.namespace, status="resolved")))
+    assert results(answer) == [(sick.name, "skip", "not_firing")]
+    assert not evicted(lab, sick)
+    assert counter(await metrics(exporter), "skip", "not_firing") == 1
+
+
+async def test_pod_outside_the_selector_is_not_acted_on(lab: Lab, start: Start) -> None:
+    sick_and_healthy(lab)
+    stranger = lab.add_pod(labels={"app": "something-else"})
+    stranger.netns.drop("udp", 53)
+    exporter = start()
+    _, answer = await post(exporter, payload(
+        alert(stranger, lab.namespace), alert("kube-proxy-x", "other-namespace")))
+    assert results(answer) == [(stranger.name, "skip", "not_coredns"),
+                               ("kube-proxy-x", "skip", "not_coredns")]
+    assert not evicted(lab, stranger)
+
+
+async def test_min_ready_keeps_the_last_ready_pod(lab: Lab, start: Start) -> None:
+    sick, other = sick_and_healthy(lab)
+    lab.set_ready(other, False)
+    exporter = start()
+    _, answer = await post(exporter, payload(alert(sick, lab.namespace)))
+    assert results(answer) == [(sick.name, "skip", "min_ready")]
+    assert not evicted(lab, sick)
+
+
+async def test_no_restart_while_the_deployment_rolls_out(lab: Lab, start: Start) -> None:
+    sick, _ = sick_and_healthy(lab)
+    lab.create_deployment(rolled_out=False)
+    exporter = start()
+    _, answer = await post(exporter, payload(alert(sick, lab.namespace)))
+    assert results(answer) == [(sick.name, "skip", "rollout")]
+    assert not evicted(lab, sick)
+
+
+async def test_rolled_out_deployment_does_not_block(lab: Lab, start: Start) -> None:
+    sick, _ = sick_and_healthy(lab)
+    lab.create_deployment(rolled_out=True)
+    exporter = start()
+    _, answer = await post(exporter, payload(alert(sick, lab.namespace)))
+    assert results(answer) == [(sick.name, "evict", "success")]
+
+
+async def test_pdb_that_blocks_is_recorded_and_not_forced(lab: Lab, start: Start) -> None:
+    sick, _ = sick_and_healthy(lab)
+    lab.create_pdb(min_available=2)
+    exporter = start()
+    body = payload(alert(sick, lab.namespace))
+    _, answer = await post(exporter, body)
+    assert results(answer) == [(sick.name, "evict", "blocked")]
+    assert not evicted(lab, sick)
+    [event] = events(lab, sick)
+    assert event["reason"] == "CoreDNSPodEvictionBlocked"
+    # Given back: the same episode is tried again when Alertmanager repeats it.
+    _, answer = await post(exporter, body)
+    assert results(answer) == [(sick.name, "evict", "blocked")]
+    assert counter(await metrics(exporter), "evict", "blocked") == 2
+
+
+async def test_pod_replaced_after_the_alert_started_is_left_alone(
+    lab: Lab, start: Start
+) -> None:
+    sick, _ = sick_and_healthy(lab)
+    exporter = start()
+    started = datetime.now(UTC) - timedelta(seconds=30)
+    # The pod is deleted and a new one of the same name takes its place.
+    lab.core.delete_namespaced_pod(sick.name, lab.namespace, grace_period_seconds=0,
+                                   _preload_content=False)
+    lab.core.create_namespaced_pod(lab.namespace, {
+        "metadata": {"name": sick.name, "labels": {"k8s-app": "kube-dns"}},
+        "spec": {"nodeName": "node-a", "containers": [{"name": "c", "image": "coredns"}]},
+    }, _preload_content=False)
+    lab.set_ready(sick, True)
+    _, answer = await post(exporter, payload(alert(sick, lab.namespace, starts_at=started)))
+    assert results(answer) == [(sick.name, "skip", "replaced")]
+    assert not evicted(lab, sick)
+
+
+# -- the endpoint -------------------------------------------------------------------------
+
+
+async def test_wrong_or_missing_token_is_401_before_any_api_call(
+    lab: Lab, token_file: Path, tmp_path: Path
+) -> None:
+    lab.add_pod()
+    lab.create_service()
+    # An API server that does not answer: any API call would turn into 503.
+    dead = lab.cluster.write_kubeconfig(tmp_path / "dead.kubeconfig", "x",
+                                        server="https://127.0.0.1:1")
+    exporter = Exporter(["--kubeconfig", str(dead), "--namespace", lab.namespace, *FAST,
+                         "--remediation", "evict", "--webhook-token-file", str(token_file)],
+                        netns=lab.node, expose=lambda a: lab.relay_out(a).address)
+    try:
+        body = payload(alert("coredns-x", lab.namespace))
+        assert (await post(exporter, body, token=None))[0] == 401
+        assert (await post(exporter, body, token="wrong"))[0] == 401
+        status, text = await post(exporter, body)
+        assert status == 503 and "Kubernetes API unavailable" in text
+    finally:
+        exporter.stop()
+
+
+async def test_body_over_1_mib_is_413(lab: Lab, start: Start) -> None:
+    lab.add_pod()
+    lab.create_service()
+    exporter = start()
+    status, _ = await post(exporter, None, raw=b"{" + b" " * (1024 * 1024 + 10) + b"}")
+    assert status == 413
+
+
+@pytest.mark.parametrize("raw", [b"{not json", b'{"version": "3", "alerts": []}', b"[]",
+                                 b'{"version": "4", "alerts": [{"status": "maybe"}]}',
+                                 b"[" * 100000])
+async def test_malformed_or_not_version_4_is_400(lab: Lab, start: Start, raw: bytes) -> None:
+    lab.add_pod()
+    lab.create_service()
+    exporter = start()
+    status, text = await post(exporter, None, raw=raw)
+    assert status == 400, text
+    assert "bad Alertmanager payload" in text
+    assert exporter.process.poll() is None
+
+
+async def test_no_token_configured_is_503_and_says_why(lab: Lab, start: Start) -> None:
+    lab.add_pod()
+    lab.create_service()
+    exporter = start(webhook=False)
+    for _ in range(2):
+        status, text = await post(exporter, payload(), token="anything")
+        assert status == 503 and "no --webhook-token-file" in text
+    told = [r for r in exporter.logs if r.get("msg") == "webhook answering 503"]
+    assert len(told) == 1
+
+
+async def test_rotated_token_file_is_picked_up(lab: Lab, start: Start, token_file: Path) -> None:
+    lab.add_pod()
+    lab.create_service()
+    exporter = start()
+    assert (await post(exporter, payload()))[0] == 200
+    await asyncio.to_thread(token_file.write_text, "rotated-token\n")
+    assert (await post(exporter, payload()))[0] == 401
+    assert (await post(exporter, payload(), token="rotated-token"))[0] == 200
+
+
+def test_shipped_rbac_cannot_delete_pods_or_reach_other_namespaces(
+    lab: Lab, sa_token: str
+) -> None:
+    pod = lab.add_pod()
+    other = lab.other_namespace()
+    stranger = lab.add_pod(namespace=other)
+    config = kubernetes.client.Configuration()
+    config.host = lab.cluster.server
+    config.ssl_ca_cert = str(lab.cluster.ca_file)
+    config.api_key = {"BearerToken": sa_token}
+    config.api_key_prefix = {"BearerToken": "Bearer"}
+    api: Any = kubernetes.client.CoreV1Api(kubernetes.client.ApiClient(config))
+    for name, ns in ((pod.name, lab.namespace), (stranger.name, other)):
+        with pytest.raises(kubernetes.client.ApiException) as refused:
+            api.delete_namespaced_pod(name, ns, _preload_content=False)
+        assert refused.value.status == 403
+    with pytest.raises(kubernetes.client.ApiException) as refused:
+        api.list_namespaced_pod(other, _preload_content=False)
+    assert refused.value.status == 403
+    with pytest.raises(kubernetes.client.ApiException) as refused:
+        api.list_namespaced_secret(lab.namespace, _preload_content=False)
+    assert refused.value.status == 403
+    assert api.list_namespaced_pod(lab.namespace, _preload_content=False).status == 200
