@@ -232,3 +232,25 @@ def test_watch_from_an_expired_version_lists_again(
         assert not any(isinstance(e, kube.Failed) for e in list(events.queue))
     finally:
         watcher.stop()
+
+
+def test_eviction_honours_the_uid_precondition_and_dry_run(
+    admin: tuple[kube.Client, Any, str]
+) -> None:
+    client, core, namespace = admin
+    make_pod(core, namespace, "coredns-a")
+    with pytest.raises(kube.ApiException) as stale:
+        client.evict(namespace, "coredns-a", "00000000-0000-0000-0000-000000000000",
+                     dry_run=False)
+    assert stale.value.status == 409  # a replacement of the same name is never hit
+    pod = client.get_pod(namespace, "coredns-a")
+    assert pod is not None and not pod.deleting
+    client.evict(namespace, "coredns-a", pod.uid, dry_run=True)
+    after_dry_run = client.get_pod(namespace, "coredns-a")
+    assert after_dry_run is not None and not after_dry_run.deleting
+    client.evict(namespace, "coredns-a", pod.uid, dry_run=False)
+    gone = client.get_pod(namespace, "coredns-a")
+    assert gone is None or gone.deleting
+    with pytest.raises(kube.ApiException) as missing:
+        client.evict(namespace, "no-such-pod", pod.uid, dry_run=False)
+    assert missing.value.status == 404
