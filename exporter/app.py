@@ -225,6 +225,9 @@ async def webhook_handler(request: web.Request) -> web.Response:
             log.warning("webhook: Kubernetes API unavailable; answering 503 so that "
                         "Alertmanager retries", extra={"fields": {"error": str(exc)}})
             return web.Response(status=503, text=f"Kubernetes API unavailable: {exc}\n")
+        except Exception as exc:  # a bug must not take the exporter down; say it plainly
+            log.exception("webhook: internal error")
+            return web.Response(status=500, text=f"internal error: {exc!r}\n")
     return web.json_response({"decisions": [
         {"pod": d.pod, "namespace": d.namespace, "alert": d.alert, "action": d.action.value,
          "result": d.result, "message": d.message} for d in decisions

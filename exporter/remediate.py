@@ -254,9 +254,9 @@ class Remediator:
             for alert in payload.alerts:
                 if lease is None and alert.status == "firing":
                     lease = lease_state(await self._read_lease())
-                decision = await self._decide(alert, lease or LeaseState())
-                if decision.action is not Action.SKIP:
-                    decision = await self._act(alert, decision)
+                decision, pod = await self._decide(alert, lease or LeaseState())
+                if decision.action is not Action.SKIP and pod is not None:
+                    decision = await self._act(alert, decision, pod)
                     lease = None  # acted: read the shared state again for the next alert
                 decisions.append(self._record(alert, decision))
         return decisions
@@ -272,17 +272,18 @@ class Remediator:
     def _problem(self, exc: BaseException, verb: str, resource: str) -> str:
         return kube.classify(exc, verb, resource, self._settings.discovery.namespace).message
 
-    async def _decide(self, alert: Alert, lease: LeaseState) -> Decision:
+    async def _decide(self, alert: Alert, lease: LeaseState) -> tuple[Decision, PodInfo | None]:
+        """The decision, and the pod as read now (the one to act on)."""
         now = datetime.now(UTC)
         early = triage(alert, lease, self._settings, now)
         if early is not None:
-            return early
+            return early, None
         try:
             facts = await self._api(self._facts, alert)
         except kube.ApiException as exc:
             if exc.status == 403:
                 return skip("forbidden", self._problem(exc, "read", "pods, services or "
-                                                                   "deployments"))
+                                                                   "deployments")), None
             raise ApiUnavailable(self._problem(exc, "read", "pods")) from exc
         except Exception as exc:
             raise ApiUnavailable(self._problem(exc, "read", "pods")) from exc
@@ -291,7 +292,7 @@ class Remediator:
             facts = replace(facts, probe=await self._confirm(facts.pod))
             decision = judge(alert, facts, self._settings)
         assert decision is not None
-        return decision
+        return decision, facts.pod
 
     def _facts(self, alert: Alert) -> Facts:
         d = self._settings.discovery
@@ -321,15 +322,13 @@ class Remediator:
                 return result
         return result
 
-    async def _act(self, alert: Alert, decision: Decision) -> Decision:
-        ns, name = self._settings.discovery.namespace, alert.label("pod")
+    async def _act(self, alert: Alert, decision: Decision, pod: PodInfo) -> Decision:
+        ns, name, uid = pod.namespace, pod.name, pod.uid
         claimed = await self._claim(alert)
         if isinstance(claimed, Decision):
             return claimed
         previous = claimed
         dry = decision.action is Action.DRY_RUN
-        pod = await self._api(self._client.get_pod, ns, name)
-        uid = pod.uid if pod else ""
         try:
             await self._api(self._client.evict, ns, name, uid, dry_run=dry)
             done = replace(decision, result="success")
@@ -415,9 +414,7 @@ class Remediator:
         log.warning("could not give back the remediation claim in the Lease; the cooldown "
                     "holds until it expires", extra={"fields": {"alert": alert.name}})
 
-    async def _event(self, pod: PodInfo | None, alert: Alert, decision: Decision) -> None:
-        if pod is None:
-            return
+    async def _event(self, pod: PodInfo, alert: Alert, decision: Decision) -> None:
         reason = {
             (Action.EVICT, "success"): "CoreDNSPodEvicted",
             (Action.DELETE, "success"): "CoreDNSPodDeleted",
