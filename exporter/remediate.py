@@ -351,6 +351,9 @@ class Remediator:
                     done = replace(decision, action=Action.DELETE, result="success")
                 except Exception as exc2:
                     await self._release(alert, previous, keep_episode=False)
+                    if isinstance(exc2, kube.ApiException) and exc2.status in (403, 404, 409):
+                        return replace(decision, action=Action.DELETE, result="error",
+                                       message=self._problem(exc2, "delete", "pods"))
                     raise ApiUnavailable(self._problem(exc2, "delete", "pods")) from exc2
             else:
                 await self._release(alert, previous, keep_episode=False)

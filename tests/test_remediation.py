@@ -382,3 +382,32 @@ def test_shipped_rbac_cannot_delete_pods_or_reach_other_namespaces(
         api.list_namespaced_secret(lab.namespace, _preload_content=False)
     assert refused.value.status == 403
     assert api.list_namespaced_pod(lab.namespace, _preload_content=False).status == 200
+
+
+async def test_allow_delete_forces_past_a_blocking_pdb(lab: Lab, start: Start) -> None:
+    sick, _ = sick_and_healthy(lab)
+    lab.create_pdb(min_available=2)
+    exporter = start("--allow-delete")
+    # Without the extra grant (deploy/ gives no delete), the delete is refused and said so.
+    _, answer = await post(exporter, payload(alert(sick, lab.namespace)))
+    assert results(answer) == [(sick.name, "delete", "error")]
+    assert "may not delete pods" in answer["decisions"][0]["message"]
+    assert not evicted(lab, sick)
+    # With it, as the docs say to grant alongside --allow-delete:
+    lab.rbac.create_namespaced_role(lab.namespace, {
+        "metadata": {"name": "delete-pods"},
+        "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["delete"]}],
+    }, _preload_content=False)
+    lab.rbac.create_namespaced_role_binding(lab.namespace, {
+        "metadata": {"name": "delete-pods"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                    "name": "delete-pods"},
+        "subjects": [{"kind": "ServiceAccount", "name": "coredns-health-exporter",
+                      "namespace": lab.namespace}],
+    }, _preload_content=False)
+    await asyncio.to_thread(lab.await_allowed, "system:serviceaccount:"
+                            f"{lab.namespace}:coredns-health-exporter", "delete", "pods")
+    _, answer = await post(exporter, payload(alert(sick, lab.namespace)))
+    assert results(answer) == [(sick.name, "delete", "success")]
+    assert evicted(lab, sick)
+    assert [e["reason"] for e in events(lab, sick)].count("CoreDNSPodDeleted") == 1

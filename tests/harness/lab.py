@@ -299,6 +299,20 @@ class Lab:
                          "readyReplicas": n, "availableReplicas": n}
         self.raw.request("PUT", f"{base}/coredns/status", body=dep)
 
+    def await_allowed(self, user: str, verb: str, resource: str, timeout: float = 10) -> None:
+        """Return once the API server's authorizer lets `user` do it (RBAC is cached)."""
+        review = {"apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview",
+                  "spec": {"user": user, "resourceAttributes": {
+                      "namespace": self.namespace, "verb": verb, "resource": resource}}}
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            answer = self.raw.request(
+                "POST", "/apis/authorization.k8s.io/v1/subjectaccessreviews", body=review)
+            if answer.get("status", {}).get("allowed"):
+                return
+            time.sleep(0.1)  # polling the authorizer's cache: no event to wait on
+        raise RuntimeError(f"{user} still may not {verb} {resource} after {timeout}s")
+
     def apply_deploy_rbac(self, path: Path) -> str:
         """Apply deploy/'s RBAC with this lab's namespace standing for both kube-system and
         the exporter's namespace; returns a token of its ServiceAccount."""
@@ -325,6 +339,9 @@ class Lab:
                 self.rbac.create_namespaced_role_binding(ns, doc, _preload_content=False)
             else:
                 raise ValueError(f"unexpected kind {doc['kind']} in {path}")
+        user = f"system:serviceaccount:{self.namespace}:{account}"
+        for verb, resource in (("get", "pods"), ("create", "leases")):
+            self.await_allowed(user, verb, resource)
         request = self.core.create_namespaced_service_account_token(
             account, self.namespace, {"spec": {"audiences": [], "expirationSeconds": 3600}}
         )
