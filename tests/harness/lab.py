@@ -299,11 +299,13 @@ class Lab:
                          "readyReplicas": n, "availableReplicas": n}
         self.raw.request("PUT", f"{base}/coredns/status", body=dep)
 
-    def await_allowed(self, user: str, verb: str, resource: str, timeout: float = 10) -> None:
+    def await_allowed(self, user: str, verb: str, resource: str, group: str = "",
+                      timeout: float = 10) -> None:
         """Return once the API server's authorizer lets `user` do it (RBAC is cached)."""
         review = {"apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview",
                   "spec": {"user": user, "resourceAttributes": {
-                      "namespace": self.namespace, "verb": verb, "resource": resource}}}
+                      "namespace": self.namespace, "verb": verb, "resource": resource,
+                      "group": group}}}
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             answer = self.raw.request(
@@ -340,8 +342,8 @@ class Lab:
             else:
                 raise ValueError(f"unexpected kind {doc['kind']} in {path}")
         user = f"system:serviceaccount:{self.namespace}:{account}"
-        for verb, resource in (("get", "pods"), ("create", "leases")):
-            self.await_allowed(user, verb, resource)
+        self.await_allowed(user, "get", "pods")
+        self.await_allowed(user, "create", "leases", group="coordination.k8s.io")
         request = self.core.create_namespaced_service_account_token(
             account, self.namespace, {"spec": {"audiences": [], "expirationSeconds": 3600}}
         )
