@@ -1,0 +1,81 @@
+"""The shipped rules: generated from one source, valid for real promtool, unit-tested at
+every `for:` boundary, and each alert with a runbook entry."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from alerts.generate import OUTPUT, Config, render, rules
+from tests.harness.components import missing
+
+ROOT = Path(__file__).resolve().parents[1]
+TESTS = sorted((ROOT / "alerts" / "tests").glob("*.yaml"))
+ALERTS = [r["alert"] for g in rules()["groups"] for r in g["rules"] if "alert" in r]
+
+
+def promtool() -> str:
+    found = shutil.which("promtool")
+    if found is None:
+        missing("promtool", "run scripts/install-test-tools (Debian package prometheus)")
+    assert found is not None
+    return found
+
+
+def test_committed_rules_are_what_the_generator_makes() -> None:
+    assert OUTPUT.read_text() == render(), "run: python -m alerts.generate"
+
+
+def test_promtool_checks_the_rules() -> None:
+    done = subprocess.run([promtool(), "check", "rules", str(OUTPUT)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"SUCCESS: {len(ALERTS) + 3} rules found" in done.stdout
+
+
+def test_promtool_unit_tests_pass() -> None:
+    done = subprocess.run([promtool(), "test", "rules", *map(str, TESTS)],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("SUCCESS") == len(TESTS)
+
+
+def test_every_alert_fires_in_a_unit_test_and_is_checked_before_its_for() -> None:
+    fires: set[str] = set()
+    quiet: set[str] = set()
+    for path in TESTS:
+        for case in yaml.safe_load(path.read_text())["tests"]:
+            for check in case.get("alert_rule_test", []):
+                (fires if check["exp_alerts"] else quiet).add(check["alertname"])
+    assert fires == set(ALERTS)
+    assert quiet >= set(ALERTS) - {"CoreDNSRemediationFailing"}  # the one without a `for:`
+
+
+def test_every_alert_has_a_runbook_section() -> None:
+    runbook = (ROOT / "docs" / "runbook.md").read_text()
+    anchors = set(re.findall(r"^## (\S+)$", runbook, re.M))
+    for alert in rules()["groups"][1]["rules"]:
+        url = alert["annotations"]["runbook_url"]
+        assert url.endswith(f"runbook.md#{alert['alert'].lower()}")
+        assert alert["alert"].lower() in anchors, f"docs/runbook.md lacks ## {alert['alert']}"
+        assert alert["labels"]["severity"] in ("warning", "critical", "info")
+
+
+def test_thresholds_and_selectors_change_in_one_place() -> None:
+    custom = rules(Config(selector='job="dns"', window="30s", for_pod="1m"))
+    text = yaml.safe_dump(custom)
+    assert 'job="coredns-health-exporter"' not in text
+    assert "[30s]" in text and "[2m]" not in text
+    pod_alert = next(r for r in custom["groups"][1]["rules"]
+                     if r["alert"] == "CoreDNSPodUDPFailing")
+    assert pod_alert["for"] == "1m"
+
+
+@pytest.mark.parametrize("alert", ALERTS)
+def test_alert_names_follow_the_mixin_style(alert: str) -> None:
+    assert re.fullmatch(r"CoreDNS[A-Z][A-Za-z]+", alert)
