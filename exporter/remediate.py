@@ -58,6 +58,14 @@ class Action(enum.StrEnum):
     DELETE = "delete"
 
 
+# Every (action, result) a decision can have, exported from 0 so that the first real one
+# shows up in rate() and increase() (a counter born at 1 shows no increase).
+SKIP_RESULTS = ("disabled", "not_firing", "no_target", "not_coredns", "duplicate", "cooldown",
+                "not_found", "terminating", "no_service", "replaced", "rollout", "min_ready",
+                "healthy", "forbidden")
+ACT_RESULTS = ("success", "blocked", "gone", "error")
+
+
 @dataclass(frozen=True, slots=True)
 class Decision:
     action: Action
@@ -238,6 +246,11 @@ class Remediator:
         self._lock = asyncio.Lock()
         self.identity = identity()
         self.recent: deque[Decision] = deque(maxlen=RECENT)
+        for result in SKIP_RESULTS:
+            metrics.remediations.labels(action=Action.SKIP.value, result=result)
+        for action in (Action.EVICT, Action.DRY_RUN, Action.DELETE):
+            for result in ACT_RESULTS:
+                metrics.remediations.labels(action=action.value, result=result)
 
     async def _api(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
         return await asyncio.to_thread(fn, *args, **kw)

@@ -1,0 +1,125 @@
+"""Real Prometheus and Alertmanager (Debian's packages) in a lab's node namespace, wired to
+the exporter under test: Prometheus scrapes it and evaluates the shipped rules, Alertmanager
+routes CoreDNSPodUDPFailing to its webhook with a bearer token. Stopped by their PIDs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .cluster import Process
+from .lab import Lab
+
+PROMETHEUS_PORT, ALERTMANAGER_PORT = 9090, 9093
+
+
+def binaries_missing() -> str | None:
+    for tool, package in (("prometheus", "prometheus"), ("promtool", "prometheus"),
+                          ("prometheus-alertmanager", "prometheus-alertmanager")):
+        if shutil.which(tool) is None:
+            return f"{tool} not installed: run scripts/install-test-tools (Debian {package})"
+    return None
+
+
+def alertmanager_config(webhook: str, token_file: Path) -> dict[str, Any]:
+    """The route and receiver docs/alertmanager.md tells users to configure, with the
+    waits shortened."""
+    return {
+        "route": {
+            "receiver": "default",
+            "group_by": ["alertname", "namespace", "pod"],
+            "group_wait": "1s", "group_interval": "2s", "repeat_interval": "1h",
+            "routes": [{"receiver": "coredns-health-exporter",
+                        "matchers": ['alertname="CoreDNSPodUDPFailing"']}],
+        },
+        "receivers": [
+            {"name": "default"},
+            {"name": "coredns-health-exporter", "webhook_configs": [{
+                "url": webhook, "send_resolved": True,
+                "http_config": {"authorization": {"credentials_file": str(token_file)}},
+            }]},
+        ],
+    }
+
+
+class Monitoring:
+    def __init__(self, lab: Lab, workdir: Path, exporter: str, token_file: Path,
+                 rules: dict[str, Any]) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "rules.yaml").write_text(yaml.safe_dump(rules))
+        (workdir / "prometheus.yml").write_text(yaml.safe_dump({
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "rule_files": [str(workdir / "rules.yaml")],
+            "alerting": {"alertmanagers": [{"static_configs": [
+                {"targets": [f"127.0.0.1:{ALERTMANAGER_PORT}"]}]}]},
+            "scrape_configs": [{
+                "job_name": "coredns-health-exporter", "honor_labels": True,
+                "static_configs": [{"targets": [exporter]}],
+            }],
+        }))
+        (workdir / "alertmanager.yml").write_text(yaml.safe_dump(alertmanager_config(
+            f"http://{exporter}/webhook/alertmanager", token_file)))
+        self.processes = [
+            Process("prometheus", lab.node.command([
+                "prometheus", "--config.file", str(workdir / "prometheus.yml"),
+                "--storage.tsdb.path", str(workdir / "tsdb"),
+                "--web.listen-address", f"127.0.0.1:{PROMETHEUS_PORT}"]),
+                workdir / "prometheus.log"),
+            Process("alertmanager", lab.node.command([
+                "prometheus-alertmanager", "--config.file", str(workdir / "alertmanager.yml"),
+                "--storage.path", str(workdir / "am"), "--cluster.listen-address=",
+                "--web.listen-address", f"127.0.0.1:{ALERTMANAGER_PORT}"]),
+                workdir / "alertmanager.log"),
+        ]
+        self.prometheus = "http://" + lab.relay_out(f"127.0.0.1:{PROMETHEUS_PORT}").address
+        self.alertmanager = "http://" + lab.relay_out(f"127.0.0.1:{ALERTMANAGER_PORT}").address
+        for process, url in zip(self.processes, (self.prometheus, self.alertmanager),
+                                strict=True):
+            self._await_ready(process, url + "/-/ready")
+
+    @staticmethod
+    def _await_ready(process: Process, url: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not process.alive():
+                raise RuntimeError(f"{process.name} exited:\n{process.tail()}")
+            try:
+                with urllib.request.urlopen(url, timeout=5) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.2)  # polling a starting server: there is no event to wait on
+        raise RuntimeError(f"{process.name} not ready after {timeout}s:\n{process.tail()}")
+
+    def _get(self, url: str) -> Any:
+        try:
+            with urllib.request.urlopen(url, timeout=10) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as exc:  # Prometheus says what is wrong in the body
+            raise AssertionError(f"{url}: {exc.code}: {exc.read().decode()}") from None
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        """An instant query's result vector; AssertionError with the reason if it fails."""
+        url = f"{self.prometheus}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+        answer = self._get(url)
+        assert answer["status"] == "success", answer
+        result: list[dict[str, Any]] = answer["data"]["result"]
+        return result
+
+    def firing(self) -> list[dict[str, Any]]:
+        """Alerts Alertmanager holds (active ones)."""
+        alerts: list[dict[str, Any]] = self._get(f"{self.alertmanager}/api/v2/alerts")
+        return alerts
+
+    def stop(self) -> None:
+        for process in self.processes:
+            process.stop()
