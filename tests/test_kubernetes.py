@@ -87,6 +87,11 @@ async def test_discovers_service_and_pods_and_probes_each(lab: Lab, start_export
     assert all(s.labels["pod"] == "" and s.labels["node"] == "" for s in service)
     status, _, text = await scrape(exporter.url, "/-/ready")
     assert status == 200, text
+    status, _, page = await scrape(exporter.url, "/")
+    assert status == 200 and all(p.name in page for p in pods)
+    # SIGTERM: the watches are shut down and the exporter exits 0, promptly.
+    assert exporter.stop(timeout=10) == 0
+    assert exporter.messages()[-1] == "stopped"
 
 
 def gone(*pods: str) -> Callable[[str], bool]:

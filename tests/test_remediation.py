@@ -160,6 +160,9 @@ async def test_udp_dead_pod_is_evicted_once_with_event_and_metric(
     assert len(events(lab, sick)) == 1
     logs = [r for r in exporter.logs if r.get("msg") == "evicted pod"]
     assert len(logs) == 1 and logs[0]["pod"] == sick.name and logs[0]["alert"] == ALERT
+    async with aiohttp.ClientSession() as session, session.get(exporter.url + "/") as page:
+        text = await page.text()
+    assert sick.name in text and "duplicate" in text and "success" in text
 
 
 async def test_dry_run_writes_the_event_but_evicts_nothing(lab: Lab, start: Start) -> None:
@@ -214,8 +217,12 @@ async def test_healthy_pod_is_not_restarted(lab: Lab, start: Start) -> None:
 async def test_resolved_alert_is_not_acted_on(lab: Lab, start: Start) -> None:
     sick, _ = sick_and_healthy(lab)
     exporter = start()
-    _, answer = await post(exporter, payload(alert(sick, lab.namespace, status="resolved")))
+    body = payload(alert(sick, lab.namespace, status="resolved"))
+    body["truncatedAlerts"] = 7
+    _, answer = await post(exporter, body)
     assert results(answer) == [(sick.name, "skip", "not_firing")]
+    [truncated] = [r for r in exporter.logs if r.get("msg") == "Alertmanager truncated the payload"]
+    assert truncated["truncated_alerts"] == 7
     assert not evicted(lab, sick)
     assert counter(await metrics(exporter), "skip", "not_firing") == 1
 
