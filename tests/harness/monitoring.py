@@ -52,7 +52,9 @@ def alertmanager_config(webhook: str, token_file: Path) -> dict[str, Any]:
 
 class Monitoring:
     def __init__(self, lab: Lab, workdir: Path, exporter: str, token_file: Path,
-                 rules: dict[str, Any]) -> None:
+                 rules: dict[str, Any],
+                 scrape_configs: list[dict[str, Any]] | None = None) -> None:
+        """`scrape_configs` replaces the default: a static target at `exporter`."""
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "rules.yaml").write_text(yaml.safe_dump(rules))
         (workdir / "prometheus.yml").write_text(yaml.safe_dump({
@@ -60,7 +62,7 @@ class Monitoring:
             "rule_files": [str(workdir / "rules.yaml")],
             "alerting": {"alertmanagers": [{"static_configs": [
                 {"targets": [f"127.0.0.1:{ALERTMANAGER_PORT}"]}]}]},
-            "scrape_configs": [{
+            "scrape_configs": scrape_configs or [{
                 "job_name": "coredns-health-exporter", "honor_labels": True,
                 "static_configs": [{"targets": [exporter]}],
             }],
