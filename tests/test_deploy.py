@@ -29,7 +29,7 @@ from tests.harness.monitoring import Monitoring, binaries_missing
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
-BUILDS = ("base", "overlays/daemonset", "prometheus-operator")
+BUILDS = (".", "base", "overlays/daemonset", "prometheus-operator")
 CORE_KINDS = {
     "Namespace": "V1Namespace", "ServiceAccount": "V1ServiceAccount", "Role": "V1Role",
     "RoleBinding": "V1RoleBinding", "Deployment": "V1Deployment", "DaemonSet": "V1DaemonSet",

@@ -29,7 +29,7 @@ async def scrape(
         return resp.status, resp.headers.get("Content-Type", ""), await resp.text()
 
 
-async def scrape_until(url: str, ready: Callable[[str], bool], deadline: float = 20) -> str:
+async def scrape_until(url: str, ready: Callable[[str], bool], deadline: float = 45) -> str:
     """Scrape until `ready(body)` holds: an event to wait for, not a fixed sleep."""
     end = time.monotonic() + deadline
     while True:
