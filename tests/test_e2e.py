@@ -83,7 +83,7 @@ async def test_udp_dead_pod_is_evicted_through_prometheus_and_alertmanager(
     [event] = events(lab, sick)
     assert event["reason"] == "CoreDNSPodEvicted"
     assert "CoreDNSPodUDPFailing" in event["message"]
-    acted = [r for r in exporter.logs if r.get("msg") == "evicted pod"]
+    acted = exporter.logged("evicted pod")
     assert [r["pod"] for r in acted] == [sick.name]
 
     # The act, as Prometheus sees it (scraped once more after the webhook answered).

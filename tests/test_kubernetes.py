@@ -119,7 +119,9 @@ async def test_pods_added_and_deleted_while_running(lab: Lab, start_exporter: St
     assert gone(first.name)(body), "series of the deleted pod are still exported:\n" + body
     assert probed(second.name)(body)
     assert [s.labels["pod"] for s in series(body, "dnsprobe_target_info")] == [second.name]
-    updates = [r for r in exporter.logs if r.get("msg") == "targets updated"]
+    logs = exporter.logs_until(lambda log: any(
+        first.name in r.get("removed", "") for r in log if r.get("msg") == "targets updated"))
+    updates = [r for r in logs if r.get("msg") == "targets updated"]
     assert any(second.name in r["added"] for r in updates)
     assert any(first.name in r["removed"] for r in updates)
 
@@ -224,8 +226,11 @@ async def test_api_server_restart_keeps_probing_and_discovery_recovers(
     second = lab.add_pod()
     body = await scrape_until(exporter.url, probed(first.name, second.name), deadline=60)
     assert probed(first.name, second.name)(body), body
-    errors = [r for r in exporter.logs if r.get("msg", "").startswith("Kubernetes API error")]
-    recovered = [r for r in exporter.logs if r.get("msg") == "Kubernetes API reachable again"]
+    logs = exporter.logs_until(lambda log: any(
+        r.get("msg") == "Kubernetes API reachable again" and r.get("watch") == "pods"
+        for r in log))
+    errors = [r for r in logs if r.get("msg", "").startswith("Kubernetes API error")]
+    recovered = [r for r in logs if r.get("msg") == "Kubernetes API reachable again"]
     seen = [(r["watch"], r["reason"], r["error"]) for r in errors]
     assert errors and all(r["reason"] in ("unreachable", "timeout") for r in errors), seen
     # Once per watch and change of state, not once per retry.
@@ -248,7 +253,10 @@ async def test_service_account_without_list_permission_says_which(
                            reason="forbidden"))
 
     await scrape_until(exporter.url, refused)
-    errors = [r for r in exporter.logs if r.get("msg", "").startswith("Kubernetes API error")
+    logs = exporter.logs_until(lambda log: any(
+        r.get("msg", "").startswith("Kubernetes API error") and r.get("watch") == "pods"
+        for r in log))
+    errors = [r for r in logs if r.get("msg", "").startswith("Kubernetes API error")
               and r.get("watch") == "pods"]
     assert errors, exporter.raw
     assert errors[0]["reason"] == "forbidden"
@@ -307,7 +315,9 @@ async def test_rejected_token_is_reported_and_not_ready(lab: Lab, start_exporter
         return bool(series(body, "dnsprobe_kubernetes_errors_total", reason="unauthorized"))
 
     assert rejected(await scrape_until(exporter.url, rejected))
-    errors = [r for r in exporter.logs if r.get("msg", "").startswith("Kubernetes API error")]
+    logs = exporter.logs_until(lambda log: any(
+        r.get("msg", "").startswith("Kubernetes API error") for r in log))
+    errors = [r for r in logs if r.get("msg", "").startswith("Kubernetes API error")]
     assert errors and all(r["reason"] == "unauthorized" for r in errors)
     assert "token is invalid or expired" in errors[0]["error"]
     status, _, _ = await scrape(exporter.url, "/-/ready")

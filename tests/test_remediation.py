@@ -158,7 +158,7 @@ async def test_udp_dead_pod_is_evicted_once_with_event_and_metric(
     status, answer = await post(exporter, body)
     assert status == 200 and results(answer) == [(sick.name, "skip", "duplicate")]
     assert len(events(lab, sick)) == 1
-    logs = [r for r in exporter.logs if r.get("msg") == "evicted pod"]
+    logs = exporter.logged("evicted pod")
     assert len(logs) == 1 and logs[0]["pod"] == sick.name and logs[0]["alert"] == ALERT
     async with aiohttp.ClientSession() as session, session.get(exporter.url + "/") as page:
         text = await page.text()
@@ -174,7 +174,7 @@ async def test_dry_run_writes_the_event_but_evicts_nothing(lab: Lab, start: Star
     [event] = events(lab, sick)
     assert event["reason"] == "CoreDNSPodEvictionDryRun"
     assert "would evict" in event["message"]
-    assert any(r.get("msg") == "would evict (dry run)" for r in exporter.logs)
+    assert exporter.logged("would evict (dry run)")
 
 
 async def test_two_replicas_at_once_evict_one_pod(lab: Lab, start: Start) -> None:
@@ -221,7 +221,7 @@ async def test_resolved_alert_is_not_acted_on(lab: Lab, start: Start) -> None:
     body["truncatedAlerts"] = 7
     _, answer = await post(exporter, body)
     assert results(answer) == [(sick.name, "skip", "not_firing")]
-    [truncated] = [r for r in exporter.logs if r.get("msg") == "Alertmanager truncated the payload"]
+    [truncated] = exporter.logged("Alertmanager truncated the payload")
     assert truncated["truncated_alerts"] == 7
     assert not evicted(lab, sick)
     assert counter(await metrics(exporter), "skip", "not_firing") == 1
@@ -352,7 +352,7 @@ async def test_no_token_configured_is_503_and_says_why(lab: Lab, start: Start) -
     for _ in range(2):
         status, text = await post(exporter, payload(), token="anything")
         assert status == 503 and "no --webhook-token-file" in text
-    told = [r for r in exporter.logs if r.get("msg") == "webhook answering 503"]
+    told = exporter.logged("webhook answering 503")
     assert len(told) == 1
 
 

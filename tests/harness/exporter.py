@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -71,6 +72,26 @@ class Exporter:
                 )
             if record.get("msg") == "listening":
                 return str(record["addresses"][0])
+
+    def logs_until(self, done: Callable[[list[dict[str, Any]]], bool],
+                   timeout: float = 10) -> list[dict[str, Any]]:
+        """The log so far, once `done(log)` holds (or the timeout passes)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            logs = list(self.logs)
+            if done(logs) or time.monotonic() > deadline or self.process.poll() is not None:
+                return logs
+            time.sleep(0.02)  # polling the reader thread's list
+
+    def logged(self, msg: str, timeout: float = 10) -> list[dict[str, Any]]:
+        """The log records with this message, once there is at least one (the log is read
+        by a thread: a line written before an HTTP answer may arrive just after it)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [r for r in list(self.logs) if r.get("msg") == msg]
+            if found or time.monotonic() > deadline or self.process.poll() is not None:
+                return found
+            time.sleep(0.02)  # polling the reader thread's list
 
     def messages(self) -> list[str]:
         return [str(r.get("msg")) for r in self.logs]
