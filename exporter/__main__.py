@@ -135,7 +135,9 @@ async def check(settings: Settings, plan: Plan) -> int:
 
 async def serve(settings: Settings, plan: Plan) -> int:
     app = create_app(settings, plan)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    # lingering_time: how long an unread request body (a client cut off with 408 or 413) is
+    # drained after the answer; aiohttp's 10 s default would hold shutdown that long.
+    runner = web.AppRunner(app, handle_signals=False, access_log=None, lingering_time=1.0)
     await runner.setup()
     host = settings.http.host or None
     site = web.TCPSite(runner, host, settings.http.port)

@@ -30,6 +30,8 @@ from .webhook import MAX_BODY, PayloadError, TokenFile, authorized, parse_payloa
 
 log = logging.getLogger(__name__)
 
+# Seconds a webhook client has to send its whole body (Alertmanager sends it at once).
+BODY_TIMEOUT = 10.0
 # Upper bound for /probe?timeout=: a scrape that waits longer is a misconfiguration.
 MAX_PROBE_TIMEOUT = 30.0
 
@@ -202,9 +204,15 @@ async def webhook_handler(request: web.Request) -> web.Response:
     if request.content_length is not None and request.content_length > MAX_BODY:
         return too_large
     try:
-        body = await request.read()
+        # A client that trickles its body must not hold a handler (and its memory) open.
+        body = await asyncio.wait_for(request.read(), timeout=BODY_TIMEOUT)
     except web.HTTPRequestEntityTooLarge:
         return too_large
+    except TimeoutError:
+        log.warning("webhook: body not received in time", extra={"fields": {
+            "remote": request.remote, "timeout_seconds": BODY_TIMEOUT}})
+        return web.Response(status=408, text=f"body not received within {BODY_TIMEOUT:g}s\n",
+                            headers={"Connection": "close"})
     try:
         payload = parse_payload(body)
     except PayloadError as exc:

@@ -4,12 +4,15 @@ clean exit on SIGTERM."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
+import aiohttp.web
 import pytest
 
 from exporter.targets import TARGET_LABELS
@@ -213,3 +216,32 @@ async def test_outcome_changes_are_logged_once_not_every_round(
         (broken.address, "tcp", "rcode"), (broken.address, "udp", "rcode")
     ]
     assert all(r["level"] == "warning" and "SERVFAIL" in r["reason"] for r in changes)
+
+
+async def test_webhook_cuts_off_a_body_that_trickles_in(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that sends its headers and then the body a byte at a time gets 408."""
+    from exporter import app as app_module
+    from exporter.config import load
+
+    monkeypatch.setattr(app_module, "BODY_TIMEOUT", 0.5)
+    token = tmp_path / "token"
+    token.write_text("t0ken")
+    settings = load(["serve", "--server", "127.0.0.1:1", "--webhook-token-file", str(token)])
+    runner = aiohttp.web.AppRunner(app_module.create_app(settings, app_module.plan_targets(
+        settings)), lingering_time=1.0)  # as serve() runs it
+    await runner.setup()
+    site = aiohttp.web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /webhook/alertmanager HTTP/1.1\r\nHost: x\r\n"
+                     b"Authorization: Bearer t0ken\r\nContent-Length: 100\r\n\r\n{")
+        await writer.drain()
+        status = await asyncio.wait_for(reader.readline(), timeout=10)
+        assert status.startswith(b"HTTP/1.1 408"), status
+        writer.close()
+    finally:
+        await runner.cleanup()
