@@ -97,10 +97,14 @@ class Discovery:
                 batch = [await self._queue.get()]
                 while not self._queue.empty():
                     batch.append(self._queue.get_nowait())
-                for source, generation, event in batch:
-                    if generation == self._sources[source].generation:
-                        self._handle(source, event)
-                self._publish()
+                try:
+                    for source, generation, event in batch:
+                        if generation == self._sources[source].generation:
+                            self._handle(source, event)
+                    self._publish()
+                except Exception:  # a bug here must not end discovery for good
+                    log.exception("discovery: could not apply an update; keeping the "
+                                  "targets already known")
         finally:
             for watched in self._sources.values():
                 if watched.watcher is not None:
