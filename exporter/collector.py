@@ -131,12 +131,8 @@ class TargetInfoCollector(Collector):
             labels=[*TARGET_LABELS, "ready"],
         )
         for target, ready in list(self._source().items()):
-            t = target
-            info.add_metric(
-                [t.kind.value, t.namespace, t.service, t.pod, t.node, t.endpoint.address,
-                 "", "", "true" if ready else "false"],
-                1.0,
-            )
+            # protocol and query do not apply to a pod: empty, as DESIGN.md says.
+            info.add_metric([*target.label_values(), "", "", "true" if ready else "false"], 1.0)
         yield info
 
 

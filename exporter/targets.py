@@ -48,6 +48,11 @@ class Target:
     pod: str = ""
     node: str = ""
 
+    def label_values(self) -> tuple[str, ...]:
+        """Values for `TARGET_LABELS` up to `address` (without protocol and query)."""
+        return (self.kind.value, self.namespace, self.service, self.pod, self.node,
+                self.endpoint.address)
+
 
 @dataclass(frozen=True, slots=True)
 class Check:
@@ -57,17 +62,7 @@ class Check:
 
     def label_values(self) -> tuple[str, ...]:
         """Values for `TARGET_LABELS`, in that order."""
-        t = self.target
-        return (
-            t.kind.value,
-            t.namespace,
-            t.service,
-            t.pod,
-            t.node,
-            t.endpoint.address,
-            self.protocol.value,
-            self.query.label,
-        )
+        return (*self.target.label_values(), self.protocol.value, self.query.label)
 
 
 def parse_endpoint(text: str, default_port: int) -> Endpoint:
