@@ -14,13 +14,9 @@ import hmac
 import json
 import logging
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
-
-from aiohttp import web
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +174,3 @@ def authorized(header: str, token: str) -> bool:
     if scheme.lower() != "bearer":
         return False
     return hmac.compare_digest(presented.strip().encode(), token.encode())
-
-
-def json_response(data: Mapping[str, Any], status: int = 200) -> web.Response:
-    return web.json_response(data, status=status)
