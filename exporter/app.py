@@ -126,8 +126,8 @@ def plan_targets(settings: Settings) -> Plan:
 def create_app(settings: Settings, plan: Plan) -> web.Application:
     registry = CollectorRegistry()
     store = ResultStore()
-    holder: list[Discovery] = []
-    metrics = register(registry, store, lambda: holder[0].pod_ready if holder else {})
+    pod_ready: dict[Target, bool] = {}  # discovery keeps it current; the collector reads it
+    metrics = register(registry, store, pod_ready)
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     scheduler = Scheduler(settings.probe, store, metrics)
@@ -136,9 +136,8 @@ def create_app(settings: Settings, plan: Plan) -> web.Application:
     if plan.client is not None:
         discovery = Discovery(
             settings, plan.client, scheduler, metrics,
-            lambda expect: default_query(settings, expect),
+            lambda expect: default_query(settings, expect), pod_ready,
         )
-        holder.append(discovery)
         remediator = Remediator(settings, plan.client, metrics, lambda: discovery.queries)
     else:
         metrics.discovery_synced.set(1)

@@ -10,7 +10,7 @@ outage. Process-level metrics (build info, rounds) are plain prometheus-client m
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -121,8 +121,8 @@ class ProbeCollector(Collector):
 class TargetInfoCollector(Collector):
     """`dnsprobe_target_info{ready}`: one series per pod target, from discovery."""
 
-    def __init__(self, source: Callable[[], Mapping[Target, bool]]) -> None:
-        self._source = source
+    def __init__(self, pod_ready: Mapping[Target, bool]) -> None:
+        self._pod_ready = pod_ready  # kept current by discovery
 
     def collect(self) -> Iterator[Metric]:
         info = GaugeMetricFamily(
@@ -130,7 +130,7 @@ class TargetInfoCollector(Collector):
             "One per pod target; label ready is the pod's Ready condition.",
             labels=[*TARGET_LABELS, "ready"],
         )
-        for target, ready in list(self._source().items()):
+        for target, ready in list(self._pod_ready.items()):
             # protocol and query do not apply to a pod: empty, as DESIGN.md says.
             info.add_metric([*target.label_values(), "", "", "true" if ready else "false"], 1.0)
         yield info
@@ -150,10 +150,10 @@ class ProcessMetrics:
 def register(
     registry: CollectorRegistry,
     store: ResultStore,
-    pod_ready: Callable[[], Mapping[Target, bool]] = dict,
+    pod_ready: Mapping[Target, bool] | None = None,
 ) -> ProcessMetrics:
     registry.register(ProbeCollector(store))
-    registry.register(TargetInfoCollector(pod_ready))
+    registry.register(TargetInfoCollector({} if pod_ready is None else pod_ready))
     Gauge(
         "dnsprobe_build_info", "Build information; always 1.", ["version"], registry=registry
     ).labels(version=__version__).set(1)

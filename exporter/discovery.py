@@ -54,6 +54,7 @@ class Discovery:
         scheduler: Scheduler,
         metrics: ProcessMetrics,
         default_query: Callable[[tuple[str, ...]], Query],
+        pod_ready: dict[Target, bool] | None = None,
     ) -> None:
         self._settings = settings
         self._client = client
@@ -68,7 +69,7 @@ class Discovery:
         self.kubernetes_ip: str | None = None
         self.synced = False
         # Per pod target, its Ready condition: the source of dnsprobe_target_info.
-        self.pod_ready: dict[Target, bool] = {}
+        self.pod_ready: dict[Target, bool] = {} if pod_ready is None else pod_ready
         self._published: tuple[list[Target], tuple[Query, ...]] | None = None
         self._warned: set[str] = set()
 
@@ -251,7 +252,8 @@ class Discovery:
             self.service, list(self.pods.values()), self._settings.discovery.dns_port
         )
         queries = self._queries()
-        self.pod_ready = ready
+        self.pod_ready.clear()  # in place: the metrics collector holds this dict
+        self.pod_ready.update(ready)
         if self._published != (targets, queries):
             before = set(self._published[0]) if self._published else set()
             added = [t for t in targets if t not in before]
