@@ -246,12 +246,10 @@ class Client:
         self, resource: str, namespace: str, *, label_selector: str = "",
         field_selector: str = "",
     ) -> tuple[list[Mapping[str, Any]], str]:
-        """(items as JSON, resourceVersion of the list)."""
-        response = self._call(
-            resource, namespace, label_selector=label_selector,
-            field_selector=field_selector, _request_timeout=REQUEST_TIMEOUT,
-        )
-        body = json.loads(response.data)
+        """(items as JSON, resourceVersion of the list) of a core/v1 resource."""
+        query = {k: v for k, v in (("labelSelector", label_selector),
+                                   ("fieldSelector", field_selector)) if v}
+        body = self.request("GET", f"/api/v1/namespaces/{namespace}/{resource}", query=query)
         items = [_with_namespace(_dict(i), namespace) for i in _list(body.get("items"))]
         return items, _str(_dict(body.get("metadata")).get("resourceVersion"))
 
@@ -260,9 +258,15 @@ class Client:
         label_selector: str = "", field_selector: str = "", seconds: int = WATCH_SECONDS,
     ) -> urllib3.HTTPResponse:
         """Open a watch (the response streams one JSON event per line)."""
-        response: urllib3.HTTPResponse = self._call(
-            resource, namespace, label_selector=label_selector, field_selector=field_selector,
-            watch=True, resource_version=resource_version, allow_watch_bookmarks=True,
+        # The generated client is used here only for its streaming (unparsed) response.
+        method: Callable[..., Any] = {
+            "pods": self.core.list_namespaced_pod,
+            "services": self.core.list_namespaced_service,
+        }[resource]
+        response: urllib3.HTTPResponse = method(
+            namespace, _preload_content=False, label_selector=label_selector,
+            field_selector=field_selector, watch=True, resource_version=resource_version,
+            allow_watch_bookmarks=True,
             timeout_seconds=seconds,
             _request_timeout=(REQUEST_TIMEOUT[0], seconds + WATCH_GRACE),
         )
@@ -292,23 +296,23 @@ class Client:
         data = json.loads(text) if text else {}
         return data if isinstance(data, dict) else {}
 
-    def get_pod(self, namespace: str, name: str) -> PodInfo | None:
-        """The pod now, or None when it does not exist."""
+    def get(self, path: str) -> dict[str, Any] | None:
+        """GET one object; None when it does not exist (404), ApiException otherwise."""
         try:
-            return pod_info(self.request("GET", f"/api/v1/namespaces/{namespace}/pods/{name}"))
+            return self.request("GET", path)
         except kubernetes.client.ApiException as exc:
             if exc.status == 404:
                 return None
             raise
 
+    def get_pod(self, namespace: str, name: str) -> PodInfo | None:
+        """The pod now, or None when it does not exist."""
+        obj = self.get(f"/api/v1/namespaces/{namespace}/pods/{name}")
+        return None if obj is None else pod_info(obj)
+
     def get_service(self, namespace: str, name: str) -> ServiceInfo | None:
-        try:
-            obj = self.request("GET", f"/api/v1/namespaces/{namespace}/services/{name}")
-        except kubernetes.client.ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
-        return service_info(obj)
+        obj = self.get(f"/api/v1/namespaces/{namespace}/services/{name}")
+        return None if obj is None else service_info(obj)
 
     def list_pods(self, namespace: str, selector: tuple[tuple[str, str], ...]) -> list[PodInfo]:
         items, _ = self.list_objects("pods", namespace, label_selector=label_selector(selector))
@@ -339,27 +343,15 @@ class Client:
 
     def _policy_version(self) -> str:
         if self._policy is None:
-            try:
-                self.request("GET", "/apis/policy/v1")
-                self._policy = "policy/v1"
-            except kubernetes.client.ApiException as exc:
-                if exc.status != 404:
-                    raise
-                self._policy = "policy/v1beta1"
+            served = self.get("/apis/policy/v1") is not None
+            self._policy = "policy/v1" if served else "policy/v1beta1"
         return self._policy
 
     def create_event(self, namespace: str, body: Mapping[str, Any]) -> None:
         self.request("POST", f"/api/v1/namespaces/{namespace}/events", body=body)
 
     def get_lease(self, namespace: str, name: str) -> dict[str, Any] | None:
-        try:
-            return self.request(
-                "GET", f"/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases/{name}"
-            )
-        except kubernetes.client.ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
+        return self.get(f"/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases/{name}")
 
     def write_lease(self, namespace: str, body: Mapping[str, Any]) -> dict[str, Any]:
         """Create the Lease (no resourceVersion) or replace it (with one: 409 if stale)."""
@@ -368,13 +360,6 @@ class Client:
         if meta.get("resourceVersion"):
             return self.request("PUT", f"{base}/{meta['name']}", body=body)
         return self.request("POST", base, body=body)
-
-    def _call(self, resource: str, namespace: str, **kwargs: Any) -> Any:
-        method = {
-            "pods": self.core.list_namespaced_pod,
-            "services": self.core.list_namespaced_service,
-        }[resource]
-        return method(namespace, _preload_content=False, **kwargs)
 
 
 def _with_namespace(obj: Mapping[str, Any], namespace: str) -> Mapping[str, Any]:
