@@ -220,13 +220,8 @@ class Discovery:
     # -- targets -----------------------------------------------------------------------
 
     def _queries(self) -> tuple[Query, ...]:
-        if self._settings.probe.queries:
-            return self._settings.probe.queries
-        ip = self.kubernetes_ip
-        if ip is None and self._sources[KUBERNETES].problem is not None:
-            # Without read access to default/kubernetes, a pod's environment still names it.
-            ip = os.environ.get("KUBERNETES_SERVICE_HOST") or None
-        return (self._default_query((ip,) if ip else ()),)
+        return probe_queries(self._settings, self._default_query, self.kubernetes_ip,
+                             unreadable=self._sources[KUBERNETES].problem is not None)
 
     def _is_synced(self) -> bool:
         service, pods, k8s = (self._sources[n] for n in (SERVICE, PODS, KUBERNETES))
@@ -280,6 +275,21 @@ class Discovery:
                 "pods": len(ready), "targets": len(targets)}})
 
 
+def probe_queries(
+    settings: Settings, default_query: Callable[[tuple[str, ...]], Query],
+    kubernetes_ip: str | None, unreadable: bool,
+) -> tuple[Query, ...]:
+    """`--query` as given; else the default query, expecting the ClusterIP of
+    default/kubernetes, or, where that could not be read, $KUBERNETES_SERVICE_HOST (every
+    pod's environment names it), else any address."""
+    if settings.probe.queries:
+        return settings.probe.queries
+    ip = kubernetes_ip
+    if ip is None and unreadable:
+        ip = os.environ.get("KUBERNETES_SERVICE_HOST") or None
+    return (default_query((ip,) if ip else ()),)
+
+
 class DiscoveryError(Exception):
     """One-shot discovery failed; the message says why."""
 
@@ -294,31 +304,31 @@ async def discover_once(
         step = ("list", "services", d.namespace)
         try:
             items, _ = client.list_objects("services", d.namespace,
-                                   field_selector=f"metadata.name={d.service}")
+                                           field_selector=f"metadata.name={d.service}")
             if not items:
                 raise DiscoveryError(f"Service {d.namespace}/{d.service} not found")
             service = kube.service_info(items[0])
             pods: list[PodInfo] = []
             if service.selector:
                 step = ("list", "pods", d.namespace)
-                pod_items, _ = client.list_objects("pods", d.namespace,
-                                           label_selector=kube.label_selector(service.selector))
+                pod_items, _ = client.list_objects(
+                    "pods", d.namespace, label_selector=kube.label_selector(service.selector))
                 pods = [kube.pod_info(p) for p in pod_items]
-            queries = settings.probe.queries
-            if not queries:
-                expect: tuple[str, ...] = ()
+            kubernetes_ip, unreadable = None, False
+            if not settings.probe.queries:
                 step = ("list", "services", "default")
                 try:
                     found, _ = client.list_objects("services", "default",
-                                           field_selector="metadata.name=kubernetes")
+                                                   field_selector="metadata.name=kubernetes")
                     ips = kube.service_info(found[0]).cluster_ips if found else ()
-                    expect = ips[:1]
+                    kubernetes_ip = ips[0] if ips else None
                 except Exception as exc:
                     problem = kube.classify(exc, *step)
                     if problem.reason != "forbidden":
                         raise
                     log.warning("cannot read default/kubernetes: %s", problem.message)
-                queries = (default_query(expect),)
+                    unreadable = True
+            queries = probe_queries(settings, default_query, kubernetes_ip, unreadable)
         except DiscoveryError:
             raise
         except Exception as exc:
