@@ -64,6 +64,13 @@ SKIP_RESULTS = ("disabled", "not_firing", "no_target", "not_coredns", "duplicate
                 "not_found", "terminating", "no_service", "replaced", "rollout", "min_ready",
                 "healthy", "forbidden")
 ACT_RESULTS = ("success", "blocked", "gone", "error")
+# A successful act: the reason of its Event, and the verb of its Event and log line.
+DONE = {
+    Action.EVICT: ("CoreDNSPodEvicted", "evicted"),
+    Action.DELETE: ("CoreDNSPodDeleted", "deleted"),
+    Action.DRY_RUN: ("CoreDNSPodEvictionDryRun", "would evict (dry run)"),
+}
+BLOCKED = ("CoreDNSPodEvictionBlocked", "not evicted")
 
 
 @dataclass(frozen=True, slots=True)
@@ -431,13 +438,7 @@ class Remediator:
                     "holds until it expires", extra={"fields": {"alert": alert.name}})
 
     async def _event(self, pod: PodInfo, alert: Alert, decision: Decision) -> None:
-        reason = {
-            (Action.EVICT, "success"): "CoreDNSPodEvicted",
-            (Action.DELETE, "success"): "CoreDNSPodDeleted",
-            (Action.DRY_RUN, "success"): "CoreDNSPodEvictionDryRun",
-        }.get((decision.action, decision.result), "CoreDNSPodEvictionBlocked")
-        verb = {"CoreDNSPodEvicted": "evicted", "CoreDNSPodDeleted": "deleted",
-                "CoreDNSPodEvictionDryRun": "would evict (dry run)"}.get(reason, "not evicted")
+        reason, verb = DONE[decision.action] if decision.result == "success" else BLOCKED
         now = _micro(datetime.now(UTC))
         body = {
             "apiVersion": "v1", "kind": "Event",
@@ -468,10 +469,10 @@ class Remediator:
         if decision.action is Action.SKIP:
             level = logging.INFO
             msg = "remediation skipped"
-        elif decision.action is Action.DRY_RUN and decision.result == "success":
-            level, msg = logging.WARNING, "would evict (dry run)"
         elif decision.result == "success":
-            level, msg = logging.WARNING, f"{decision.action.value}ed pod"
+            verb = DONE[decision.action][1]
+            level = logging.WARNING
+            msg = verb if decision.action is Action.DRY_RUN else f"{verb} pod"
         else:
             level, msg = logging.WARNING, "remediation not done"
         log.log(level, msg, extra={"fields": {

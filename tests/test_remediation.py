@@ -418,3 +418,4 @@ async def test_allow_delete_forces_past_a_blocking_pdb(lab: Lab, start: Start) -
     assert results(answer) == [(sick.name, "delete", "success")]
     assert evicted(lab, sick)
     assert [e["reason"] for e in events(lab, sick)].count("CoreDNSPodDeleted") == 1
+    assert [r["pod"] for r in exporter.logged("deleted pod")] == [sick.name]
