@@ -63,6 +63,17 @@ def healthy_dns(start_dns: StartDNS) -> coredns.CoreDNS:
 
 
 @pytest.fixture
+def udp_dead_dns(
+    netns: Callable[[str], NetNS], start_dns: StartDNS
+) -> tuple[NetNS, coredns.CoreDNS]:
+    """A healthy CoreDNS in a namespace of its own whose inbound UDP to it is dropped."""
+    ns = netns("udpdead")
+    server = start_dns(coredns.Behaviour.HEALTHY, netns=ns)
+    ns.drop("udp", server.port)
+    return ns, server
+
+
+@pytest.fixture
 def netns() -> Iterator[Callable[[str], NetNS]]:
     """Make network namespaces for one test; all are deleted afterwards."""
     reason = can_use_netns()

@@ -61,11 +61,9 @@ def test_protocol_flag_limits_the_transports(healthy_dns: CoreDNS) -> None:
 
 
 def test_udp_dead_server_exits_1_with_udp_failing_and_tcp_passing(
-    netns: Callable[[str], NetNS], start_dns: StartDNS
+    udp_dead_dns: tuple[NetNS, CoreDNS]
 ) -> None:
-    ns = netns("udpdead")
-    server = start_dns(Behaviour.HEALTHY, netns=ns)
-    ns.drop("udp", server.port)
+    ns, server = udp_dead_dns
     proc = ns.run([*EXPORTER, "check", "--server", server.address, "--timeout", "0.5", "--json"])
     assert proc.returncode == 1, proc.stderr
     results = {r["protocol"]: r for r in json.loads(proc.stdout)["results"]}

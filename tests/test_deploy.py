@@ -26,6 +26,7 @@ from tests.harness.components import CACHE, missing
 from tests.harness.exporter import Exporter
 from tests.harness.lab import NODE_ADDRESS, Lab
 from tests.harness.monitoring import Monitoring, binaries_missing
+from tests.harness.scrape import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -297,7 +298,7 @@ async def test_shipped_scrape_config_keeps_the_pod_label(lab: Lab, tmp_path: Pat
     exporter = Exporter(["--kubeconfig", str(lab.admin_kubeconfig()), "--namespace",
                          lab.namespace, "--interval", "0.5", "--timeout", "0.3",
                          "--listen", f"{NODE_ADDRESS}:9953"],
-                        netns=lab.node, expose=lambda a: lab.relay_out(a).address)
+                        netns=lab.node)
     shipped = yaml.safe_load((DEPLOY / "prometheus" / "scrape-configs.yaml").read_text())
     [job] = [j for j in shipped["scrape_configs"] if j["job_name"] == "coredns-health-exporter"]
     # Debian's Prometheus is built without Kubernetes service discovery, so the harness
@@ -312,12 +313,8 @@ async def test_shipped_scrape_config_keeps_the_pod_label(lab: Lab, tmp_path: Pat
                             tmp_path / "no-token",
                             {"groups": []}, scrape_configs=[job])
     try:
-        def scraped() -> bool:
-            return bool(monitoring.query('dnsprobe_success{kind="pod"}'))
-
-        end = time.monotonic() + 60
-        while time.monotonic() < end and not await asyncio.to_thread(scraped):
-            await asyncio.sleep(0.5)
+        await wait_until(lambda: bool(monitoring.query('dnsprobe_success{kind="pod"}')),
+                         deadline=60)
         series = monitoring.query('dnsprobe_success{kind="pod"}')
         assert {s["metric"]["pod"] for s in series} == {coredns_pod.name}
         assert all(s["metric"]["namespace"] == lab.namespace for s in series)

@@ -6,9 +6,7 @@ returns data from that Prometheus."""
 
 from __future__ import annotations
 
-import asyncio
 import re
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -20,6 +18,7 @@ from tests.harness.components import missing
 from tests.harness.exporter import Exporter
 from tests.harness.lab import Lab
 from tests.harness.monitoring import Monitoring, binaries_missing
+from tests.harness.scrape import wait_until
 from tests.test_remediation import RBAC, TOKEN, events, evicted
 
 EXPORTER = "127.0.0.1:9953"  # inside the node namespace
@@ -46,7 +45,7 @@ def loop(lab: Lab, tmp_path: Path) -> Iterator[Loop]:
             ["--kubeconfig", str(kubeconfig), "--namespace", lab.namespace,
              "--interval", "0.5", "--timeout", "0.3", "--remediation", "evict",
              "--webhook-token-file", str(token_file), "--listen", EXPORTER],
-            netns=lab.node, expose=lambda a: lab.relay_out(a).address,
+            netns=lab.node,
         )
         monitoring = Monitoring(lab, tmp_path / "monitoring", EXPORTER, token_file,
                                 rules(FAST_RULES))
@@ -59,15 +58,6 @@ def loop(lab: Lab, tmp_path: Path) -> Iterator[Loop]:
         exporter.stop()
 
 
-async def until(check: Callable[[], bool], deadline: float) -> bool:
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        if await asyncio.to_thread(check):
-            return True
-        await asyncio.sleep(0.5)
-    return False
-
-
 async def test_udp_dead_pod_is_evicted_through_prometheus_and_alertmanager(
     lab: Lab, loop: Loop
 ) -> None:
@@ -76,7 +66,7 @@ async def test_udp_dead_pod_is_evicted_through_prometheus_and_alertmanager(
     sick.netns.drop("udp", 53)
     exporter, monitoring = loop()
 
-    assert await until(lambda: evicted(lab, sick), deadline=90), (
+    assert await wait_until(lambda: evicted(lab, sick), deadline=90), (
         "not evicted; alerts: " + str(monitoring.query("ALERTS")) + "\n"
         + "".join(exporter.raw[-20:]))
     assert not evicted(lab, healthy) and not evicted(lab, other)
@@ -87,7 +77,7 @@ async def test_udp_dead_pod_is_evicted_through_prometheus_and_alertmanager(
     assert [r["pod"] for r in acted] == [sick.name]
 
     # The act, as Prometheus sees it (scraped once more after the webhook answered).
-    assert await until(lambda: bool(monitoring.query(
+    assert await wait_until(lambda: bool(monitoring.query(
         'dnsprobe_remediations_total{action="evict", result="success"} == 1')), deadline=30)
 
     # Every panel and variable of the dashboard returns data from this Prometheus.
@@ -113,7 +103,7 @@ async def test_single_lost_packets_trigger_nothing(lab: Lab, loop: Loop) -> None
                         "-j", "DROP"])
     exporter, monitoring = loop()
     # Bounded: until Prometheus has seen at least three rate windows of losses.
-    assert await until(lambda: bool(monitoring.query(
+    assert await wait_until(lambda: bool(monitoring.query(
         'sum(increase(dnsprobe_probes_total{kind="pod", protocol="udp", result="timeout"}'
         '[40s])) >= 6')), deadline=90), "no losses seen"
     # Pending for a moment is allowed (the first windows hold a handful of probes, where one

@@ -31,7 +31,6 @@ def start_exporter(lab: Lab) -> Iterator[Start]:
         exporter = Exporter(
             ["--kubeconfig", str(kubeconfig), "--namespace", lab.namespace, *FAST, *args],
             netns=lab.node,
-            expose=lambda address: lab.relay_out(address).address,
         )
         started.append(exporter)
         return exporter

@@ -96,7 +96,7 @@ def start(lab: Lab, sa_token: str, token_file: Path) -> Iterator[Start]:
         exporter = Exporter(
             ["--kubeconfig", str(kubeconfig), "--namespace", lab.namespace, *FAST,
              "--remediation", mode, *extra, *args],
-            netns=lab.node, expose=lambda a: lab.relay_out(a).address,
+            netns=lab.node,
         )
         started.append(exporter)
         return exporter
@@ -313,7 +313,7 @@ async def test_wrong_or_missing_token_is_401_before_any_api_call(
                                         server="https://127.0.0.1:1")
     exporter = Exporter(["--kubeconfig", str(dead), "--namespace", lab.namespace, *FAST,
                          "--remediation", "evict", "--webhook-token-file", str(token_file)],
-                        netns=lab.node, expose=lambda a: lab.relay_out(a).address)
+                        netns=lab.node)
     try:
         body = payload(alert("coredns-x", lab.namespace))
         assert (await post(exporter, body, token=None))[0] == 401

@@ -7,9 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp.web
@@ -173,31 +171,21 @@ def test_port_in_use_exits_1_with_a_clear_error(healthy_dns: CoreDNS) -> None:
     assert "Traceback" not in str(info.value)
 
 
-_FETCH = (
-    "import sys, urllib.request; "
-    "sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=10).read().decode())"
-)
-
-
-def test_udp_dead_server_scraped_inside_its_namespace(
-    netns: Callable[[str], NetNS], start_dns: StartDNS
+async def test_udp_dead_server_scraped_inside_its_namespace(
+    udp_dead_dns: tuple[NetNS, CoreDNS]
 ) -> None:
-    ns = netns("serve")
-    server = start_dns(Behaviour.HEALTHY, netns=ns)
-    ns.drop("udp", server.port)
+    ns, server = udp_dead_dns
     proc = Exporter(["--server", server.address, "--interval", "0.5", "--timeout", "0.3"],
                     netns=ns)
     try:
-        end = time.monotonic() + 20
-        while True:
-            fetched = ns.run([sys.executable, "-c", _FETCH, proc.url + "/metrics"])
-            body = fetched.stdout
-            timeouts = value(body, "dnsprobe_probes_total", protocol="udp", result="timeout")
-            if (timeouts or 0) >= 1 or time.monotonic() > end:
-                break
+        def timed_out(text: str) -> bool:
+            return (value(text, "dnsprobe_probes_total", protocol="udp",
+                          result="timeout") or 0) >= 1
+
+        body = await scrape_until(proc.url, timed_out, deadline=20)
         assert value(body, "dnsprobe_success", protocol="udp") == 0, body
         assert value(body, "dnsprobe_success", protocol="tcp") == 1, body
-        assert (timeouts or 0) >= 1
+        assert timed_out(body)
     finally:
         assert proc.stop() == 0
     assert json.dumps(proc.logs)  # logs are JSON lines throughout

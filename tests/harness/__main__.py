@@ -49,7 +49,7 @@ def main(argv: list[str]) -> int:
         lab.create_service()
         kubeconfig = lab.kubeconfig(ADMIN_TOKEN, "exporter")
         first = next(iter(lab.pods.values()))
-        metrics = lab.relay_out(f"127.0.0.1:{EXPORTER_PORT}")
+        metrics = lab.node.expose(f"127.0.0.1:{EXPORTER_PORT}")
         print(f"""test cluster up (logs and kubeconfigs in {workdir})
   API server:      {cluster.server}   (export KUBECONFIG={cluster.admin_kubeconfig})
   CoreDNS pods:    {", ".join(f"{p.name}={p.ip}" for p in lab.pods.values())}
@@ -59,7 +59,7 @@ Run the exporter in the node namespace (it has no route out; the API is relayed 
   ip netns exec {lab.node.name} .venv/bin/coredns-health-exporter serve \\
       --kubeconfig {kubeconfig} --listen 127.0.0.1:{EXPORTER_PORT}
 and read its metrics from here:
-  curl -s http://{metrics.address}/metrics | grep dnsprobe_success
+  curl -s http://{metrics}/metrics | grep dnsprobe_success
 Break a pod's UDP:
   ip netns exec {first.netns.name} iptables -A INPUT -p udp --dport 53 -j DROP
 

@@ -91,6 +91,27 @@ class Process:
     def stop(self) -> None:
         stop_process(self.popen)
 
+    def await_ready(self, url: str, timeout: float, *, token: str | None = None,
+                    context: ssl.SSLContext | None = None) -> None:
+        """Return once `url` answers 200; stop the process and raise if it exits first or
+        is not ready in time."""
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        request = urllib.request.Request(url, headers=headers)
+        deadline = time.monotonic() + timeout
+        last = ""
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise RuntimeError(f"{self.name} exited:\n{self.tail()}")
+            try:
+                with urllib.request.urlopen(request, timeout=5, context=context) as response:
+                    if response.status == 200:
+                        return
+            except (OSError, urllib.error.URLError) as exc:
+                last = str(exc)
+            time.sleep(0.2)  # polling a server that is starting: there is no event to wait on
+        self.stop()
+        raise RuntimeError(f"{self.name} not ready after {timeout}s ({last}):\n{self.tail()}")
+
 
 class Cluster:
     """etcd + kube-apiserver + kube-controller-manager, all on 127.0.0.1."""
@@ -167,22 +188,8 @@ class Cluster:
                 process.stop()
 
     def _await(self, process: Process, url: str, timeout: float) -> None:
-        context = ssl.create_default_context(cafile=str(self.ca_file))
-        request = urllib.request.Request(url, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
-        deadline = time.monotonic() + timeout
-        last = ""
-        while time.monotonic() < deadline:
-            if not process.alive():
-                raise RuntimeError(f"{process.name} exited:\n{process.tail()}")
-            try:
-                with urllib.request.urlopen(request, timeout=5, context=context) as response:
-                    if response.status == 200:
-                        return
-            except (OSError, urllib.error.URLError) as exc:
-                last = str(exc)
-            time.sleep(0.2)  # polling a server that is starting: there is no event to wait on
-        process.stop()
-        raise RuntimeError(f"{process.name} not ready after {timeout}s ({last}):\n{process.tail()}")
+        process.await_ready(url, timeout, token=ADMIN_TOKEN,
+                            context=ssl.create_default_context(cafile=str(self.ca_file)))
 
     # -- credentials -------------------------------------------------------------------
 

@@ -23,10 +23,8 @@ class Exporter:
         args: Sequence[str],
         netns: NetNS | None = None,
         timeout: float = 30,
-        expose: Callable[[str], str] | None = None,
     ):
-        """`expose` maps the address the exporter listens on (inside `netns`) to one the
-        tests can reach (a relay, see lab.py)."""
+        """In a namespace, `url` reaches the exporter through a relay (NetNS.expose)."""
         command = [sys.executable, "-m", "exporter", "serve", "--log-format", "json", *args]
         if not any(a.startswith("--listen") for a in args):
             command += ["--listen", "127.0.0.1:0"]
@@ -40,8 +38,8 @@ class Exporter:
         self._lines: queue.Queue[dict[str, Any] | None] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
         self.address = self._await_listening(timeout)
-        if expose is not None:
-            self.address = expose(self.address)
+        if netns is not None:
+            self.address = netns.expose(self.address)
         self.url = f"http://{self.address}"
 
     def _read(self) -> None:

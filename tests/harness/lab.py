@@ -104,12 +104,6 @@ class Lab:
         self._relays.append(relay)
         return relay
 
-    def relay_out(self, connect: str) -> Relay:
-        """Listen on the machine's loopback; connect to `connect` inside the node namespace."""
-        relay = Relay.start("-", "127.0.0.1:0", f"/run/netns/{self.node.name}", connect)
-        self._relays.append(relay)
-        return relay
-
     def kubeconfig(self, token: str, name: str = "exporter") -> Path:
         """A kubeconfig for use inside the node namespace, authenticating with `token`."""
         return self.cluster.write_kubeconfig(

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -81,26 +80,15 @@ class Monitoring:
                 "--web.listen-address", f"127.0.0.1:{ALERTMANAGER_PORT}"]),
                 workdir / "alertmanager.log"),
         ]
-        self.prometheus = "http://" + lab.relay_out(f"127.0.0.1:{PROMETHEUS_PORT}").address
-        self.alertmanager = "http://" + lab.relay_out(f"127.0.0.1:{ALERTMANAGER_PORT}").address
-        for process, url in zip(self.processes, (self.prometheus, self.alertmanager),
-                                strict=True):
-            self._await_ready(process, url + "/-/ready")
-
-    @staticmethod
-    def _await_ready(process: Process, url: str, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not process.alive():
-                raise RuntimeError(f"{process.name} exited:\n{process.tail()}")
-            try:
-                with urllib.request.urlopen(url, timeout=5) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.2)  # polling a starting server: there is no event to wait on
-        raise RuntimeError(f"{process.name} not ready after {timeout}s:\n{process.tail()}")
+        self.prometheus = "http://" + lab.node.expose(f"127.0.0.1:{PROMETHEUS_PORT}")
+        self.alertmanager = "http://" + lab.node.expose(f"127.0.0.1:{ALERTMANAGER_PORT}")
+        try:
+            for process, url in zip(self.processes, (self.prometheus, self.alertmanager),
+                                    strict=True):
+                process.await_ready(url + "/-/ready", timeout=60)
+        except Exception:  # not handed to the caller yet: stop what started, by PID
+            self.stop()
+            raise
 
     def _get(self, url: str) -> Any:
         try:

@@ -12,6 +12,8 @@ import os
 import subprocess
 from collections.abc import Sequence
 
+from .relay import Relay
+
 _counter = itertools.count()
 
 
@@ -24,6 +26,7 @@ class NetNS:
         self.name = f"chx-{os.getpid()}-{next(_counter)}-{purpose}"[:60]
         _run(["ip", "netns", "add", self.name])
         self.exec(["ip", "link", "set", "lo", "up"])
+        self._relays: list[Relay] = []
 
     def command(self, args: Sequence[str]) -> list[str]:
         """`args` wrapped to run inside this namespace (ip netns exec execs, keeping the PID)."""
@@ -41,5 +44,14 @@ class NetNS:
         """Silently drop inbound `protocol` packets to `port`, as a broken pod network does."""
         self.exec(["iptables", "-A", "INPUT", "-p", protocol, "--dport", str(port), "-j", "DROP"])
 
+    def expose(self, address: str) -> str:
+        """An address on the machine's loopback relayed to `address` in this namespace
+        (the tests' way in; the relay is stopped with the namespace)."""
+        relay = Relay.start("-", "127.0.0.1:0", f"/run/netns/{self.name}", address)
+        self._relays.append(relay)
+        return relay.address
+
     def delete(self) -> None:
+        for relay in self._relays:
+            relay.stop()
         subprocess.run(["ip", "netns", "delete", self.name], capture_output=True, check=False)

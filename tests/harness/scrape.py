@@ -41,3 +41,13 @@ async def scrape_until(url: str, ready: Callable[[str], bool], deadline: float =
 
 async def _tick() -> None:
     await asyncio.sleep(0.1)
+
+
+async def wait_until(check: Callable[[], bool], deadline: float) -> bool:
+    """Poll a blocking `check` (an API query, say) off the event loop until it holds."""
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        if await asyncio.to_thread(check):
+            return True
+        await asyncio.sleep(0.5)
+    return False
