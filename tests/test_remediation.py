@@ -401,17 +401,8 @@ async def test_allow_delete_forces_past_a_blocking_pdb(lab: Lab, start: Start) -
     assert "may not delete pods" in answer["decisions"][0]["message"]
     assert not evicted(lab, sick)
     # With it, as the docs say to grant alongside --allow-delete:
-    lab.rbac.create_namespaced_role(lab.namespace, {
-        "metadata": {"name": "delete-pods"},
-        "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["delete"]}],
-    }, _preload_content=False)
-    lab.rbac.create_namespaced_role_binding(lab.namespace, {
-        "metadata": {"name": "delete-pods"},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
-                    "name": "delete-pods"},
-        "subjects": [{"kind": "ServiceAccount", "name": "coredns-health-exporter",
-                      "namespace": lab.namespace}],
-    }, _preload_content=False)
+    lab.grant("coredns-health-exporter", "delete-pods",
+              [{"apiGroups": [""], "resources": ["pods"], "verbs": ["delete"]}])
     await asyncio.to_thread(lab.await_allowed, "system:serviceaccount:"
                             f"{lab.namespace}:coredns-health-exporter", "delete", "pods")
     _, answer = await post(exporter, payload(alert(sick, lab.namespace)))

@@ -81,7 +81,7 @@ class Lab:
             ["iptables", "-t", "nat", "-A", "OUTPUT", "-j", _CHAIN],
         ):
             self.node.exec(args)
-        self.api_relay = self.relay_in(API_IN_NODE, f"127.0.0.1:{self.cluster.api_port}")
+        self.relay_in(API_IN_NODE, f"127.0.0.1:{self.cluster.api_port}")
         # The client's typed models add nothing here: the harness speaks plain JSON bodies.
         self.api: Any = kubernetes.config.new_client_from_config(  # type: ignore[no-untyped-call]
             str(self.cluster.admin_kubeconfig)
@@ -236,16 +236,23 @@ class Lab:
         }}
         self.core.patch_namespaced_pod_status(name, namespace, body)
 
+    def grant(self, account: str, role: str, rules: list[dict[str, Any]]) -> None:
+        """A Role `role` with `rules` in the lab's namespace, bound to ServiceAccount
+        `account` there."""
+        ns = self.namespace
+        self.rbac.create_namespaced_role(ns, {"metadata": {"name": role}, "rules": rules},
+                                         _preload_content=False)
+        self.rbac.create_namespaced_role_binding(ns, {
+            "metadata": {"name": role},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role},
+            "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": ns}],
+        }, _preload_content=False)
+
     def service_account_token(self, name: str, rules: list[dict[str, Any]]) -> str:
         """A ServiceAccount in the lab's namespace bound to a Role with `rules`; its token."""
         ns = self.namespace
         self.core.create_namespaced_service_account(ns, {"metadata": {"name": name}})
-        self.rbac.create_namespaced_role(ns, {"metadata": {"name": name}, "rules": rules})
-        self.rbac.create_namespaced_role_binding(ns, {
-            "metadata": {"name": name},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
-            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": ns}],
-        })
+        self.grant(name, name, rules)
         request = self.core.create_namespaced_service_account_token(
             name, ns, {"spec": {"audiences": [], "expirationSeconds": 3600}}
         )
