@@ -195,19 +195,20 @@ class Discovery:
         previous, self.service = self.service, current
         d = self._settings.discovery
         if current is None:
-            self._warn_once("no-service", f"Service {d.namespace}/{d.service} not found: "
-                            "nothing to probe until it exists (check --namespace/--service)")
+            key, why = "no-service", (f"Service {d.namespace}/{d.service} not found: nothing "
+                                      "to probe until it exists (check --namespace/--service)")
+        elif not current.selector:
+            key, why = "no-selector", (f"Service {d.namespace}/{d.service} has no selector: "
+                                       "its pods cannot be found, only its ClusterIP is probed")
+        else:
+            key = why = ""
+        self._warned -= {"no-service", "no-selector"} - {key}  # warn again if it recurs
+        if key:  # no pods to watch
+            self._warn_once(key, why)
             self._stop(PODS)
             self.pods = {}
             return
-        self._warned.discard("no-service")
-        if not current.selector:
-            self._warn_once("no-selector", f"Service {d.namespace}/{d.service} has no "
-                            "selector: its pods cannot be found, only its ClusterIP is probed")
-            self._stop(PODS)
-            self.pods = {}
-            return
-        self._warned.discard("no-selector")
+        assert current is not None
         if previous is None or previous.selector != current.selector:
             self._start(PODS, "pods", d.namespace, kube.pod_info,
                         label_selector=kube.label_selector(current.selector))
