@@ -12,6 +12,7 @@ import pytest
 from tests.harness import coredns
 from tests.harness.cluster import Cluster, binaries_missing
 from tests.harness.components import can_use_netns, coredns_binary, missing
+from tests.harness.exporter import Exporter
 from tests.harness.lab import Lab
 from tests.harness.netns import NetNS
 
@@ -117,3 +118,26 @@ def lab(kube_cluster: Cluster, coredns_bin: Path, tmp_path: Path) -> Iterator[La
         yield made
     finally:
         made.close()
+
+
+LabExporter = Callable[..., Exporter]
+
+
+@pytest.fixture
+def lab_exporter(lab: Lab) -> Iterator[LabExporter]:
+    """`start(token, *args)`: `serve` in the lab's node namespace, against the test cluster
+    with a kubeconfig for `token`, probing the lab's namespace; every one stopped after."""
+    started: list[Exporter] = []
+
+    def start(token: str, *args: str) -> Exporter:
+        kubeconfig = lab.kubeconfig(token, f"exporter-{len(started)}")
+        exporter = Exporter(
+            ["--kubeconfig", str(kubeconfig), "--namespace", lab.namespace, *args],
+            netns=lab.node,
+        )
+        started.append(exporter)
+        return exporter
+
+    yield start
+    for exporter in started:
+        exporter.stop()

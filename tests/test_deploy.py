@@ -21,9 +21,9 @@ import yaml
 from alerts.generate import render_prometheus_rule
 from exporter.kube import ApiException
 from exporter.kube import Client as RawClient
-from tests.harness.cluster import Cluster
+from tests.conftest import LabExporter
+from tests.harness.cluster import ADMIN_TOKEN, Cluster
 from tests.harness.components import CACHE, missing
-from tests.harness.exporter import Exporter
 from tests.harness.lab import NODE_ADDRESS, Lab
 from tests.harness.monitoring import Monitoring, binaries_missing
 from tests.harness.scrape import wait_until
@@ -271,7 +271,9 @@ def endpoint_targets(lab: Lab, service: str) -> list[dict[str, Any]]:
     return targets
 
 
-async def test_shipped_scrape_config_keeps_the_pod_label(lab: Lab, tmp_path: Path) -> None:
+async def test_shipped_scrape_config_keeps_the_pod_label(
+    lab: Lab, lab_exporter: LabExporter, tmp_path: Path
+) -> None:
     """Prometheus scrapes the exporter found through the test cluster's Endpoints,
     relabels as shipped, and the exporter's `pod` label (a CoreDNS pod) survives."""
     reason = binaries_missing()
@@ -295,10 +297,8 @@ async def test_shipped_scrape_config_keeps_the_pod_label(lab: Lab, tmp_path: Pat
     lab.core.patch_namespaced_pod_status(exporter_pod, lab.namespace, {"status": {
         "phase": "Running", "podIP": NODE_ADDRESS, "podIPs": [{"ip": NODE_ADDRESS}],
         "conditions": [{"type": "Ready", "status": "True"}]}})
-    exporter = Exporter(["--kubeconfig", str(lab.admin_kubeconfig()), "--namespace",
-                         lab.namespace, "--interval", "0.5", "--timeout", "0.3",
-                         "--listen", f"{NODE_ADDRESS}:9953"],
-                        netns=lab.node)
+    lab_exporter(ADMIN_TOKEN, "--interval", "0.5", "--timeout", "0.3",
+                 "--listen", f"{NODE_ADDRESS}:9953")
     shipped = yaml.safe_load((DEPLOY / "prometheus" / "scrape-configs.yaml").read_text())
     [job] = [j for j in shipped["scrape_configs"] if j["job_name"] == "coredns-health-exporter"]
     # Debian's Prometheus is built without Kubernetes service discovery, so the harness
@@ -326,4 +326,3 @@ async def test_shipped_scrape_config_keeps_the_pod_label(lab: Lab, tmp_path: Pat
         assert own["metric"]["service"] == "coredns-health-exporter"
     finally:
         monitoring.stop()
-        exporter.stop()

@@ -14,6 +14,7 @@ import pytest
 
 from alerts.generate import Config, rules
 from dashboards.generate import dashboard
+from tests.conftest import LabExporter
 from tests.harness.components import missing
 from tests.harness.exporter import Exporter
 from tests.harness.lab import Lab
@@ -31,31 +32,27 @@ Loop = Callable[..., tuple[Exporter, Monitoring]]
 
 
 @pytest.fixture
-def loop(lab: Lab, tmp_path: Path) -> Iterator[Loop]:
+def loop(lab: Lab, lab_exporter: LabExporter, tmp_path: Path) -> Iterator[Loop]:
     reason = binaries_missing()
     if reason:
         missing("Prometheus and Alertmanager", reason)
-    started: list[tuple[Exporter, Monitoring]] = []
+    started: list[Monitoring] = []
 
     def start() -> tuple[Exporter, Monitoring]:
         token_file = tmp_path / "webhook-token"
         token_file.write_text(TOKEN)
-        kubeconfig = lab.kubeconfig(lab.apply_deploy_rbac(RBAC), "sa")
-        exporter = Exporter(
-            ["--kubeconfig", str(kubeconfig), "--namespace", lab.namespace,
-             "--interval", "0.5", "--timeout", "0.3", "--remediation", "evict",
-             "--webhook-token-file", str(token_file), "--listen", EXPORTER],
-            netns=lab.node,
-        )
+        exporter = lab_exporter(
+            lab.apply_deploy_rbac(RBAC), "--interval", "0.5", "--timeout", "0.3",
+            "--remediation", "evict", "--webhook-token-file", str(token_file),
+            "--listen", EXPORTER)
         monitoring = Monitoring(lab, tmp_path / "monitoring", EXPORTER, token_file,
                                 rules(FAST_RULES))
-        started.append((exporter, monitoring))
+        started.append(monitoring)
         return exporter, monitoring
 
-    yield start
-    for exporter, monitoring in started:
+    yield start  # the exporters are stopped by lab_exporter
+    for monitoring in started:
         monitoring.stop()
-        exporter.stop()
 
 
 async def test_udp_dead_pod_is_evicted_through_prometheus_and_alertmanager(

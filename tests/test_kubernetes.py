@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 from prometheus_client.samples import Sample
 
+from tests.conftest import LabExporter
 from tests.harness.cluster import ADMIN_TOKEN, KUBERNETES_CLUSTER_IP
 from tests.harness.coredns import Behaviour
 from tests.harness.exporter import Exporter
@@ -22,22 +23,13 @@ Start = Callable[..., Exporter]
 
 
 @pytest.fixture
-def start_exporter(lab: Lab) -> Iterator[Start]:
+def start_exporter(lab_exporter: LabExporter) -> Start:
     """Start `serve` inside the lab's node namespace, against the test cluster."""
-    started: list[Exporter] = []
 
     def start(*args: str, token: str = ADMIN_TOKEN) -> Exporter:
-        kubeconfig = lab.kubeconfig(token, f"exporter-{len(started)}")
-        exporter = Exporter(
-            ["--kubeconfig", str(kubeconfig), "--namespace", lab.namespace, *FAST, *args],
-            netns=lab.node,
-        )
-        started.append(exporter)
-        return exporter
+        return lab_exporter(token, *FAST, *args)
 
-    yield start
-    for exporter in started:
-        exporter.stop()
+    return start
 
 
 def series(body: str, name: str = "dnsprobe_success", **labels: str) -> list[Sample]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -16,6 +16,7 @@ import aiohttp
 import kubernetes
 import pytest
 
+from tests.conftest import LabExporter
 from tests.harness.exporter import Exporter
 from tests.harness.lab import Lab, Pod
 from tests.harness.scrape import samples
@@ -85,25 +86,15 @@ def sa_token(lab: Lab) -> str:
 
 
 @pytest.fixture
-def start(lab: Lab, sa_token: str, token_file: Path) -> Iterator[Start]:
+def start(lab_exporter: LabExporter, sa_token: str, token_file: Path) -> Start:
     """`serve` in the node namespace as deploy/'s ServiceAccount, remediation on."""
-    started: list[Exporter] = []
 
     def run(*args: str, mode: str = "evict", webhook: bool = True,
             token: str | None = None) -> Exporter:
-        kubeconfig = lab.kubeconfig(token or sa_token, f"sa-{len(started)}")
         extra = ["--webhook-token-file", str(token_file)] if webhook else []
-        exporter = Exporter(
-            ["--kubeconfig", str(kubeconfig), "--namespace", lab.namespace, *FAST,
-             "--remediation", mode, *extra, *args],
-            netns=lab.node,
-        )
-        started.append(exporter)
-        return exporter
+        return lab_exporter(token or sa_token, *FAST, "--remediation", mode, *extra, *args)
 
-    yield run
-    for exporter in started:
-        exporter.stop()
+    return run
 
 
 def evicted(lab: Lab, pod: Pod) -> bool:
