@@ -16,12 +16,13 @@ from pathlib import Path
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Gauge, PlatformCollector, ProcessCollector
-from prometheus_client.exposition import choose_encoder, generate_latest
+from prometheus_client.exposition import generate_latest
 
 from . import __version__, kube
 from .collector import ProcessMetrics, ResultStore, register
 from .config import DEFAULT_QUERY_LABEL, ConfigError, Settings, parse_query
 from .discovery import Discovery
+from .exposition import Exposition
 from .probe import Outcome, ProbeResult, Protocol, Query, probe
 from .remediate import Action, ApiUnavailable, Decision, Remediator
 from .scheduler import Scheduler
@@ -52,6 +53,7 @@ class AppState:
     settings: Settings
     plan: Plan
     registry: CollectorRegistry
+    exposition: Exposition
     store: ResultStore
     scheduler: Scheduler
     metrics: ProcessMetrics
@@ -127,7 +129,7 @@ def create_app(settings: Settings, plan: Plan) -> web.Application:
     registry = CollectorRegistry()
     store = ResultStore()
     pod_ready: dict[Target, bool] = {}  # discovery keeps it current; the collector reads it
-    metrics = register(registry, store, pod_ready)
+    metrics = register(registry)
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     scheduler = Scheduler(settings.probe, store, metrics)
@@ -144,7 +146,8 @@ def create_app(settings: Settings, plan: Plan) -> web.Application:
 
     app = web.Application(client_max_size=MAX_BODY)
     app[STATE] = AppState(
-        settings, plan, registry, store, scheduler, metrics, discovery, remediator,
+        settings, plan, registry, Exposition(store, pod_ready, registry), store, scheduler,
+        metrics, discovery, remediator,
         TokenFile(settings.remediation.webhook_token_file),
     )
     app.cleanup_ctx.append(_probe_loop)
@@ -174,8 +177,8 @@ async def _probe_loop(app: web.Application) -> AsyncIterator[None]:
 
 
 async def metrics_handler(request: web.Request) -> web.Response:
-    encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
-    body = encoder(request.app[STATE].registry)
+    exposition = request.app[STATE].exposition
+    body, content_type = await exposition.render(request.headers.get("Accept", ""))
     return web.Response(body=body, headers={"Content-Type": content_type})
 
 

@@ -4,15 +4,22 @@ A probe sends one query to one server over one transport and returns a `ProbeRes
 an outcome, the rcode, the answer values, the round-trip time and a reason a person can
 read. It knows nothing about metrics, HTTP or Kubernetes.
 
-Sockets are plain non-blocking sockets driven by the event loop (dnspython only builds
-and parses messages): dnspython's own async query path costs several times more CPU per
-probe, and a connected UDP socket is what lets the kernel report ICMP port-unreachable
-as `ConnectionRefusedError` and drop datagrams from any other source address.
+Sockets are plain non-blocking sockets driven by the event loop: dnspython's own async
+query path costs several times more CPU per probe, and a connected UDP socket is what
+lets the kernel report ICMP port-unreachable as `ConnectionRefusedError` and drop
+datagrams from any other source address. dnspython builds each distinct query once;
+responses are read by `read_response`, whose fast path handles the messages a healthy
+CoreDNS sends and hands anything else to dnspython.
+
+Latency is measured from the kernel's receive timestamp of the response (SO_TIMESTAMPNS,
+CLOCK_REALTIME) back to the wall-clock time taken just before sending: an event loop busy
+with other probes or a scrape delays when a response is read, not the latency reported.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import errno
 import functools
@@ -20,6 +27,7 @@ import ipaddress
 import os
 import socket
 import struct
+import sys
 import time
 from dataclasses import dataclass
 
@@ -122,6 +130,7 @@ def _rdtype(text: str) -> dns.rdatatype.RdataType:
     return dns.rdatatype.from_text(text)
 
 
+@functools.lru_cache(maxsize=4096)
 def _normalise(rdtype: int, value: str) -> str:
     if rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
         try:
@@ -131,8 +140,140 @@ def _normalise(rdtype: int, value: str) -> str:
     return value.lower().rstrip(".")
 
 
+@dataclass(frozen=True, slots=True)
+class Response:
+    """What a probe needs from a DNS response."""
+
+    flags: int
+    rcode: int  # with the EDNS extended bits
+    # Values of the answer section's records of the asked type, in order, without repeats.
+    answers: tuple[str, ...]
+
+
+def read_response(wire: bytes, rdtype: int) -> Response:
+    """Read a response's flags, rcode and answer values of `rdtype`.
+
+    Raises `dns.exception.DNSException` for a message dnspython rejects. The fast path
+    (A and AAAA questions) reads the wire directly, checking everything dnspython checks
+    for the record types it meets there; a message with anything else in it (another
+    record type or class, EDNS options, another opcode, odd compression) is read by
+    dnspython, so both paths agree on what is malformed.
+    """
+    if rdtype in _FAST_TYPES:
+        fast = _read_fast(wire, rdtype)
+        if fast is not None:
+            return fast
+    message = dns.message.from_wire(wire)
+    answers = (
+        rdata.to_text() for rrset in message.answer if rrset.rdtype == rdtype for rdata in rrset
+    )
+    return Response(int(message.flags), int(message.rcode()), tuple(dict.fromkeys(answers)))
+
+
+_A, _NS, _CNAME, _SOA, _PTR, _AAAA, _OPT = 1, 2, 5, 6, 12, 28, 41
+_FAST_TYPES = frozenset({_A, _AAAA})
+_NAME_RDATA = frozenset({_NS, _CNAME, _PTR})
+_MAX_POINTER_HOPS = 16  # as dnspython's MAX_COMPRESSION_POINTER_CHAIN
+_RR_HEADER = struct.Struct("!HHIH")
+_COUNTS = struct.Struct("!HHHH")
+
+
+class _Unusual(Exception):
+    """The fast path does not vouch for this message: dnspython reads it."""
+
+
+def _name_end(wire: bytes, i: int, end: int) -> int:
+    """Offset just past the (possibly compressed) name at `i`, validated as dnspython does:
+    labels under 64 bytes, pointers strictly backwards and not into the name itself, at
+    most 16 hops, 255 bytes in all, nothing read beyond `end`."""
+    after = -1
+    biggest = start = i
+    hops = 0
+    length = 1
+    while True:
+        if i >= end:
+            raise _Unusual
+        count = wire[i]
+        if count == 0:
+            return i + 1 if after < 0 else after
+        if count < 64:
+            i += 1 + count
+            length += 1 + count
+            if i > end or length > 255:
+                raise _Unusual
+        elif count >= 192:
+            if i + 1 >= end:
+                raise _Unusual
+            target = (count & 0x3F) << 8 | wire[i + 1]
+            if after < 0:
+                after = i + 2
+            hops += 1
+            if target >= biggest or hops > _MAX_POINTER_HOPS:
+                raise _Unusual
+            end = start  # the target must lie before the part of the name already read
+            biggest = i = start = target
+        else:
+            raise _Unusual
+
+
+def _read_fast(wire: bytes, rdtype: int) -> Response | None:
+    end = len(wire)
+    if end < 12:
+        return None
+    flags = wire[2] << 8 | wire[3]
+    if flags & 0x7800:  # opcode other than QUERY
+        return None
+    qdcount, *sections = _COUNTS.unpack_from(wire, 4)
+    answers: list[str] = []
+    rcode = flags & 0x0F
+    opt = False
+    try:
+        i = 12
+        for _ in range(qdcount):
+            i = _name_end(wire, i, end) + 4
+        for section, count in enumerate(sections):
+            for _ in range(count):
+                owner = i
+                i = _name_end(wire, i, end)
+                if i + 10 > end:
+                    return None
+                rtype, rclass, ttl, rdlen = _RR_HEADER.unpack_from(wire, i)
+                i += 10
+                rd_end = i + rdlen
+                if rd_end > end:
+                    return None
+                if rtype == _OPT:
+                    # Only in the additional section, once, owned by the root, no options.
+                    if section != 2 or opt or wire[owner] != 0 or rdlen:
+                        return None
+                    opt = True
+                    rcode |= ttl >> 20 & 0xFF0
+                elif rclass != 1:
+                    return None
+                elif rtype in (_A, _AAAA):
+                    if rdlen != (4 if rtype == _A else 16):
+                        return None
+                    if section == 0 and rtype == rdtype:
+                        family = socket.AF_INET if rtype == _A else socket.AF_INET6
+                        answers.append(socket.inet_ntop(family, wire[i:rd_end]))
+                elif rtype in _NAME_RDATA:
+                    if _name_end(wire, i, rd_end) != rd_end:
+                        return None
+                elif rtype == _SOA:
+                    if _name_end(wire, _name_end(wire, i, rd_end), rd_end) + 20 != rd_end:
+                        return None
+                else:
+                    return None
+                i = rd_end
+    except _Unusual:
+        return None
+    if i != end:
+        return None
+    return Response(flags, rcode, tuple(dict.fromkeys(answers)))
+
+
 def evaluate(
-    query: Query, response: dns.message.Message, protocol: Protocol
+    query: Query, response: Response, protocol: Protocol
 ) -> tuple[Outcome, str, tuple[str, ...]]:
     """Judge a response to `query`: outcome, reason, and the answer values of the asked type.
 
@@ -140,34 +281,33 @@ def evaluate(
     of the asked type, and every expected value is among them. A UDP response with TC set
     is `truncated` whatever else it holds: a client would have to retry over TCP.
     """
-    rdtype = _rdtype(query.rdtype)
-    answers = tuple(
-        rdata.to_text()
-        for rrset in response.answer
-        if rrset.rdtype == rdtype
-        for rdata in rrset
-    )
+    answers = response.answers
     if protocol is Protocol.UDP and response.flags & dns.flags.TC:
         reason = "response truncated (TC set): clients must retry over TCP"
         return Outcome.TRUNCATED, reason, answers
-    rcode = response.rcode()
-    if rcode != dns.rcode.NOERROR:
-        return Outcome.RCODE, f"rcode {dns.rcode.to_text(rcode)}", answers
+    if response.rcode != dns.rcode.NOERROR:
+        return Outcome.RCODE, f"rcode {_rcode_text(response.rcode)}", answers
     if not answers:
         return (
             Outcome.WRONG_ANSWER,
             f"NOERROR but no {query.rdtype} record in the answer section",
             answers,
         )
-    got = {_normalise(rdtype, a) for a in answers}
-    missing = [e for e in query.expect if _normalise(rdtype, e) not in got]
-    if missing:
-        return (
-            Outcome.WRONG_ANSWER,
-            f"expected {', '.join(missing)} in the answer, got {', '.join(answers)}",
-            answers,
-        )
+    if query.expect:
+        rdtype = _rdtype(query.rdtype)
+        got = {_normalise(rdtype, a) for a in answers}
+        missing = [e for e in query.expect if _normalise(rdtype, e) not in got]
+        if missing:
+            return (
+                Outcome.WRONG_ANSWER,
+                f"expected {', '.join(missing)} in the answer, got {', '.join(answers)}",
+                answers,
+            )
     return Outcome.SUCCESS, f"NOERROR, {query.rdtype} {', '.join(answers)}", answers
+
+
+def _rcode_text(rcode: int) -> str:
+    return dns.rcode.to_text(dns.rcode.Rcode.make(rcode))
 
 
 def _family(host: str) -> socket.AddressFamily:
@@ -211,14 +351,14 @@ async def probe(
         )
     except OSError as exc:  # out of file descriptors, most likely: say so, do not crash
         return ProbeResult(Outcome.ERROR, f"cannot open a socket: {exc}", started_at=started_at)
-    sock.setblocking(False)
     ignored: list[str] = []
+    exchange = _Exchange(sock, wire, _rdtype(query.rdtype), log, ignored)
     try:
         async with asyncio.timeout(timeout):
             if protocol is Protocol.UDP:
-                response, rtt = await _exchange_udp(sock, host, port, wire, log, ignored)
+                await exchange.udp(host, port)
             else:
-                response, rtt = await _exchange_tcp(sock, host, port, wire, log, ignored)
+                await exchange.tcp(host, port)
     except TimeoutError:
         reason = f"no response within {timeout:g}s"
         if ignored:
@@ -236,23 +376,26 @@ async def probe(
         return ProbeResult(Outcome.ERROR, str(exc), rtt_seconds=exc.rtt, started_at=started_at)
     finally:
         sock.close()
+    response, rtt = exchange.response, exchange.rtt
+    assert response is not None
     outcome, reason, answers = evaluate(query, response, protocol)
+    rcode = _rcode_text(response.rcode)
     if log:
-        log(
-            f"response after {rtt * 1000:.3f}ms: rcode {dns.rcode.to_text(response.rcode())}, "
-            f"flags {dns.flags.to_text(response.flags)}, {len(response.answer)} answer RRset(s)"
-        )
-        for rrset in response.answer:
-            log(f"  answer: {rrset.to_text()}")
-        log(f"outcome {outcome}: {reason}")
+        _trace_response(log, exchange.data, rtt, outcome, reason)
     return ProbeResult(
-        outcome,
-        reason,
-        rtt_seconds=rtt,
-        rcode=dns.rcode.to_text(response.rcode()),
-        answers=answers,
-        started_at=started_at,
+        outcome, reason, rtt_seconds=rtt, rcode=rcode, answers=answers, started_at=started_at
     )
+
+
+def _trace_response(log: _Trace, data: bytes, rtt: float, outcome: Outcome, reason: str) -> None:
+    message = dns.message.from_wire(data)  # it parsed once already
+    log(
+        f"response after {rtt * 1000:.3f}ms: rcode {dns.rcode.to_text(message.rcode())}, "
+        f"flags {dns.flags.to_text(message.flags)}, {len(message.answer)} answer RRset(s)"
+    )
+    for rrset in message.answer:
+        log(f"  answer: {rrset.to_text()}")
+    log(f"outcome {outcome}: {reason}")
 
 
 _UNREACHABLE_ERRNOS = frozenset(
@@ -266,107 +409,178 @@ class _MalformedResponse(Exception):
         self.rtt = rtt
 
 
-# Rcodes with which a server may omit the question (as dnspython's is_response allows).
-_QUESTIONLESS_RCODES = frozenset(
-    {dns.rcode.FORMERR, dns.rcode.SERVFAIL, dns.rcode.NOTIMP, dns.rcode.REFUSED}
-)
-
-
-def _parse(
-    data: bytes, query: bytes, rtt: float, log: _Trace, ignored: list[str]
-) -> dns.message.Message | None:
-    """The response if `data` answers `query` (both wire form); None if it is someone else's.
-
-    A datagram whose ID differs, or that is not a response, is ignored: it is stray or
-    spoofed. One that does not echo our question is ignored too, as resolvers do. One
-    with our ID that does not parse is the server's fault and fails the probe. The
-    header and question are compared as bytes first, so only a real answer is parsed.
-    """
-    note = None
-    if len(data) < 2 or data[:2] != query[:2]:
-        note = f"{len(data)}-byte datagram with a different ID"
-    elif len(data) >= 12 and not data[2] & 0x80:
-        note = "datagram with our ID that is not a response"
-    elif len(data) >= 12:
-        question = query[12:]
-        qdcount = data[4:6]
-        if qdcount == b"\0\0":
-            if data[3] & 0x0F not in _QUESTIONLESS_RCODES:
-                note = "response without a question"
-        elif qdcount != b"\0\1" or data[12 : 12 + len(question)].lower() != question.lower():
-            note = "response whose question does not match the query"
-    if note is not None:
-        ignored.append(note)
-        if log:
-            log(f"ignored {note}")
-        return None
-    try:
-        return dns.message.from_wire(data)
-    except dns.exception.DNSException as exc:
-        raise _MalformedResponse(f"malformed response: {exc}", rtt) from exc
-
-
-async def _exchange_udp(
-    sock: socket.socket,
-    host: str,
-    port: int,
-    wire: bytes,
-    log: _Trace,
-    ignored: list[str],
-) -> tuple[dns.message.Message, float]:
-    loop = asyncio.get_running_loop()
-    # connect() on UDP only sets the peer: the kernel then drops datagrams from other
-    # sources and reports ICMP port-unreachable on the next receive.
-    sock.connect((host, port))
-    t0 = time.perf_counter()
-    sock.send(wire)
-    while True:
-        data = await loop.sock_recv(sock, _MAX_MESSAGE)
-        rtt = time.perf_counter() - t0
-        response = _parse(data, wire, rtt, log, ignored)
-        if response is not None:
-            return response, rtt
-
-
-async def _recv_exactly(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = await loop.sock_recv(sock, n - len(buf))
-        if not chunk:
-            raise _Closed(len(buf), n)
-        buf += chunk
-    return bytes(buf)
-
-
 class _Closed(Exception):
     def __init__(self, got: int, wanted: int) -> None:
         super().__init__(f"connection closed after {got} of {wanted} bytes")
 
 
-async def _exchange_tcp(
-    sock: socket.socket,
-    host: str,
-    port: int,
-    wire: bytes,
-    log: _Trace,
-    ignored: list[str],
-) -> tuple[dns.message.Message, float]:
-    loop = asyncio.get_running_loop()
-    t0 = time.perf_counter()
-    await loop.sock_connect(sock, (host, port))
-    if log:
-        log(f"connected after {(time.perf_counter() - t0) * 1000:.3f}ms")
-    await loop.sock_sendall(sock, struct.pack("!H", len(wire)) + wire)
-    try:
+# Rcodes with which a server may omit the question (as dnspython's is_response allows).
+_QUESTIONLESS_RCODES = frozenset(
+    {dns.rcode.FORMERR, dns.rcode.SERVFAIL, dns.rcode.NOTIMP, dns.rcode.REFUSED}
+)
+
+# Kernel receive timestamps: SO_TIMESTAMPNS makes recvmsg() return, as ancillary data, a
+# struct timespec (CLOCK_REALTIME) taken when the packet reached the socket layer. Python
+# does not name the option; 35 is its value on Linux, except on a few architectures
+# (alpha, hppa, mips, sparc) where the option is refused and probes fall back to
+# user-space clocks.
+_SO_TIMESTAMPNS: int | None = getattr(
+    socket, "SO_TIMESTAMPNS", 35 if sys.platform == "linux" else None
+)
+_TIMESPEC = struct.Struct("@ll")
+_ANCILLARY = socket.CMSG_SPACE(_TIMESPEC.size)
+
+
+def _enable_timestamps(sock: socket.socket) -> None:
+    if _SO_TIMESTAMPNS is not None:
+        with contextlib.suppress(OSError):  # refused: the user-space clock is used
+            sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+class _Exchange:
+    """One query and its response on one socket: the I/O half of a probe.
+
+    Reads go through recvmsg() to get the kernel's receive timestamp; the round trip is
+    that timestamp minus the wall-clock time taken just before sending (for TCP, before
+    connecting). When the kernel gives no timestamp, or a clock step makes it implausible
+    (later than the read itself), the monotonic user-space measure is used instead.
+    """
+
+    __slots__ = (
+        "_ignored", "_log", "_rdtype", "_rx_ns", "_sent", "_sent_ns", "_sock", "_wire",
+        "data", "response", "rtt",
+    )
+
+    def __init__(
+        self, sock: socket.socket, wire: bytes, rdtype: int, log: _Trace, ignored: list[str]
+    ) -> None:
+        sock.setblocking(False)
+        self._sock = sock
+        self._wire = wire
+        self._rdtype = rdtype
+        self._log = log
+        self._ignored = ignored
+        _enable_timestamps(sock)
+        self._sent_ns = 0
+        self._sent = 0.0
+        self._rx_ns: int | None = None
+        self.data = b""
+        self.response: Response | None = None
+        self.rtt = 0.0
+
+    def _start_clock(self) -> None:
+        self._sent_ns = time.time_ns()
+        self._sent = time.perf_counter()
+
+    def _elapsed(self) -> float:
+        elapsed = time.perf_counter() - self._sent
+        if self._rx_ns is not None:
+            kernel = (self._rx_ns - self._sent_ns) / 1e9
+            if 0.0 <= kernel <= elapsed:
+                return kernel
+        return elapsed
+
+    async def _recv(self, size: int) -> bytes:
+        """Up to `size` bytes as soon as any arrive, noting the kernel timestamp."""
+        sock = self._sock
+        loop: asyncio.AbstractEventLoop | None = None
         while True:
-            (length,) = struct.unpack("!H", await _recv_exactly(loop, sock, 2))
-            data = await _recv_exactly(loop, sock, length)
-            rtt = time.perf_counter() - t0
-            response = _parse(data, wire, rtt, log, ignored)
-            if response is not None:
-                return response, rtt
-    except _Closed as exc:
-        raise _MalformedResponse(
-            f"server closed the TCP connection before a full response ({exc})",
-            time.perf_counter() - t0,
-        ) from exc
+            try:
+                data, ancillary, _, _ = sock.recvmsg(size, _ANCILLARY)
+            except (BlockingIOError, InterruptedError):
+                loop = loop or asyncio.get_running_loop()
+                waiter: asyncio.Future[None] = loop.create_future()
+                fd = sock.fileno()
+                loop.add_reader(fd, _wake, waiter)
+                try:
+                    await waiter
+                finally:
+                    loop.remove_reader(fd)
+                continue
+            for level, kind, payload in ancillary:
+                if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS:
+                    seconds, nanoseconds = _TIMESPEC.unpack_from(payload)
+                    self._rx_ns = seconds * 1_000_000_000 + nanoseconds
+            return data
+
+    def _accept(self, data: bytes) -> bool:
+        """True when `data` is the response (kept in .response); False when it is someone
+        else's and was ignored. A response with our ID and question that does not parse
+        is the server's fault and fails the probe."""
+        rtt = self._elapsed()
+        note = _mismatch(data, self._wire)
+        if note is not None:
+            self._ignored.append(note)
+            if self._log:
+                self._log(f"ignored {note}")
+            return False
+        try:
+            self.response = read_response(data, self._rdtype)
+        except dns.exception.DNSException as exc:
+            raise _MalformedResponse(f"malformed response: {exc}", rtt) from exc
+        self.data, self.rtt = data, rtt
+        return True
+
+    async def udp(self, host: str, port: int) -> None:
+        # connect() on UDP only sets the peer: the kernel then drops datagrams from other
+        # sources and reports ICMP port-unreachable on the next receive.
+        self._sock.connect((host, port))
+        self._start_clock()
+        self._sock.send(self._wire)
+        while not self._accept(await self._recv(_MAX_MESSAGE)):
+            pass
+
+    async def _recv_exactly(self, n: int) -> bytes:
+        buf = b""
+        while len(buf) < n:
+            chunk = await self._recv(n - len(buf))
+            if not chunk:
+                raise _Closed(len(buf), n)
+            buf += chunk
+        return buf
+
+    async def tcp(self, host: str, port: int) -> None:
+        loop = asyncio.get_running_loop()
+        self._start_clock()
+        await loop.sock_connect(self._sock, (host, port))
+        if self._log:
+            self._log(f"connected after {(time.perf_counter() - self._sent) * 1000:.3f}ms")
+        await loop.sock_sendall(self._sock, struct.pack("!H", len(self._wire)) + self._wire)
+        try:
+            while True:
+                (length,) = struct.unpack("!H", await self._recv_exactly(2))
+                if self._accept(await self._recv_exactly(length)):
+                    return
+        except _Closed as exc:
+            raise _MalformedResponse(
+                f"server closed the TCP connection before a full response ({exc})",
+                time.perf_counter() - self._sent,
+            ) from exc
+
+
+def _mismatch(data: bytes, query: bytes) -> str | None:
+    """Why `data` is not a response to `query` (both wire form), or None if it is.
+
+    A datagram whose ID differs, or that is not a response, is stray or spoofed. One
+    that does not echo our question is ignored too, as resolvers do. Header and question
+    are compared as bytes, so only a real answer is parsed.
+    """
+    if len(data) < 2 or data[:2] != query[:2]:
+        return f"{len(data)}-byte datagram with a different ID"
+    if len(data) < 12:
+        return None  # ours, and too short to read: malformed
+    if not data[2] & 0x80:
+        return "datagram with our ID that is not a response"
+    question = query[12:]
+    qdcount = data[4:6]
+    if qdcount == b"\0\0":
+        if data[3] & 0x0F not in _QUESTIONLESS_RCODES:
+            return "response without a question"
+    elif qdcount != b"\0\1" or data[12 : 12 + len(question)].lower() != question.lower():
+        return "response whose question does not match the query"
+    return None

@@ -7,6 +7,7 @@ honest DNS server sends them; everything else is a real CoreDNS process.
 from __future__ import annotations
 
 import asyncio
+import random
 import socket
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -16,10 +17,20 @@ import dns.flags
 import dns.message
 import dns.name
 import dns.rcode
+import dns.rdatatype
 import dns.rrset
 import pytest
 
-from exporter.probe import Outcome, Protocol, Query, evaluate, probe
+from exporter.probe import (
+    Outcome,
+    Protocol,
+    Query,
+    Response,
+    _read_fast,
+    evaluate,
+    probe,
+    read_response,
+)
 from tests.conftest import StartDNS
 from tests.harness.coredns import (
     ERRATIC_IP,
@@ -247,7 +258,7 @@ async def test_malformed_response_with_our_id_is_an_error(peer: PeerFactory) -> 
 # --- evaluate(), the pure judgement ---
 
 
-def _response(
+def _message(
     rcode: dns.rcode.Rcode = dns.rcode.NOERROR, ips: tuple[str, ...] = (), tc: bool = False
 ) -> dns.message.Message:
     query = dns.message.make_query(KUBERNETES_NAME, "A")
@@ -260,6 +271,16 @@ def _response(
     return response
 
 
+def _response(
+    rcode: dns.rcode.Rcode = dns.rcode.NOERROR, ips: tuple[str, ...] = (), tc: bool = False
+) -> Response:
+    return _read(_message(rcode, ips, tc), "A")
+
+
+def _read(message: dns.message.Message, rdtype: str) -> Response:
+    return read_response(message.to_wire(), dns.rdatatype.from_text(rdtype))
+
+
 def test_evaluate_requires_every_expected_value() -> None:
     query = Query("q", KUBERNETES_NAME + ".", "A", ("10.0.0.1", "10.0.0.2"))
     outcome, reason, _ = evaluate(query, _response(ips=("10.0.0.1",)), Protocol.UDP)
@@ -270,11 +291,11 @@ def test_evaluate_requires_every_expected_value() -> None:
 
 def test_evaluate_compares_addresses_not_spellings() -> None:
     query = Query("q", KUBERNETES_NAME + ".", "AAAA", ("2001:db8:0:0::1",))
-    response = _response()
-    response.answer.append(
+    message = _message()
+    message.answer.append(
         dns.rrset.from_text(KUBERNETES_NAME + ".", 5, "IN", "AAAA", "2001:db8::1")
     )
-    assert evaluate(query, response, Protocol.UDP)[0] is Outcome.SUCCESS
+    assert evaluate(query, _read(message, "AAAA"), Protocol.UDP)[0] is Outcome.SUCCESS
 
 
 def test_evaluate_tc_only_matters_over_udp() -> None:
@@ -287,3 +308,98 @@ def test_evaluate_rcode_wins_over_answers() -> None:
     response = _response(rcode=dns.rcode.SERVFAIL, ips=(KUBERNETES_IP,))
     outcome, reason, _ = evaluate(KUBERNETES, response, Protocol.UDP)
     assert outcome is Outcome.RCODE and reason == "rcode SERVFAIL"
+
+
+# --- read_response(): the fast path agrees with dnspython ---
+
+
+def _corpus() -> list[bytes]:
+    """Responses a server may send: the shapes CoreDNS uses and some it does not."""
+    name = KUBERNETES_NAME + "."
+    messages: list[dns.message.Message] = []
+
+    def response(rdtype: str = "A", **kwargs: object) -> dns.message.Message:
+        query = dns.message.make_query(name, rdtype, **kwargs)  # type: ignore[arg-type]
+        message = dns.message.make_response(query)
+        messages.append(message)
+        return message
+
+    response().answer.append(dns.rrset.from_text(name, 5, "IN", "A", KUBERNETES_IP))
+    response().answer.append(dns.rrset.from_text(name, 5, "IN", "A", "10.0.0.1", "10.0.0.2"))
+    chain = response()
+    chain.answer.append(dns.rrset.from_text(name, 5, "IN", "CNAME", "other.example."))
+    chain.answer.append(dns.rrset.from_text("other.example.", 5, "IN", "A", "10.0.0.3"))
+    response("AAAA").answer.append(dns.rrset.from_text(name, 5, "IN", "AAAA", "2001:db8::1"))
+    mixed = response()  # an AAAA in an A answer is not an answer
+    mixed.answer.append(dns.rrset.from_text(name, 5, "IN", "AAAA", "2001:db8::2"))
+    nx = response()
+    nx.set_rcode(dns.rcode.NXDOMAIN)
+    nx.authority.append(dns.rrset.from_text(
+        "cluster.local.", 30, "IN", "SOA", "ns.dns.cluster.local. h.cluster.local. 1 2 3 4 5"
+    ))
+    glue = response()
+    glue.answer.append(dns.rrset.from_text(name, 5, "IN", "A", KUBERNETES_IP))
+    glue.authority.append(dns.rrset.from_text("cluster.local.", 5, "IN", "NS", "ns.cluster.local."))
+    glue.additional.append(dns.rrset.from_text("ns.cluster.local.", 5, "IN", "A", "10.96.0.10"))
+    edns = response(use_edns=0)
+    edns.answer.append(dns.rrset.from_text(name, 5, "IN", "A", KUBERNETES_IP))
+    badvers = response(use_edns=0)
+    badvers.set_rcode(dns.rcode.BADVERS)
+    padded = response(use_edns=0, pad=64)
+    padded.answer.append(dns.rrset.from_text(name, 5, "IN", "A", KUBERNETES_IP))
+    txt = response()
+    txt.answer.append(dns.rrset.from_text(name, 5, "IN", "TXT", '"hello"'))
+    chaos = response()
+    chaos.answer.append(dns.rrset.from_text(name, 5, "CH", "A", "cluster.local. 1"))
+    truncated = response()
+    truncated.flags |= dns.flags.TC
+    servfail = response()
+    servfail.set_rcode(dns.rcode.SERVFAIL)
+    servfail.question = []
+    wires = [m.to_wire() for m in messages]
+    header = bytes.fromhex("1234 8180 0001 0001 0000 0000")
+    owner = dns.name.from_text(name).to_wire()
+    assert owner is not None
+    question = owner + b"\0\1\0\1"
+    record = b"\0\1\0\1\0\0\0\5\0\4" + bytes([10, 96, 0, 1])
+    # Uncompressed; then a pointer to itself, a pointer forwards, a refused label type.
+    wires.append(header + question + owner + record)
+    wires.append(header + question + b"\xc0\x28" + record)
+    wires.append(header + question + b"\xc0\xff" + record)
+    wires.append(header + question + b"\x40" + record)
+    return wires
+
+
+def _reference(wire: bytes, rdtype: int) -> Response:
+    message = dns.message.from_wire(wire)
+    answers = [r.to_text() for rs in message.answer if rs.rdtype == rdtype for r in rs]
+    return Response(int(message.flags), int(message.rcode()), tuple(dict.fromkeys(answers)))
+
+
+def _outcome(read: Callable[[bytes, int], Response], wire: bytes, rdtype: int) -> object:
+    try:
+        response = read(wire, rdtype)
+    except dns.exception.DNSException:
+        return "malformed"
+    return response.flags, response.rcode, sorted(response.answers)
+
+
+def test_fast_reader_agrees_with_dnspython_on_responses_and_their_corruptions() -> None:
+    rng = random.Random(53)
+    cases = 0
+    for wire in _corpus():
+        variants = [wire] + [wire[:cut] for cut in range(len(wire))]
+        for _ in range(200):
+            mutated = bytearray(wire)
+            mutated[rng.randrange(len(wire))] = rng.randrange(256)
+            variants.append(bytes(mutated))
+        for variant in variants:
+            for rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
+                expected = _outcome(_reference, variant, rdtype)
+                assert _outcome(read_response, variant, rdtype) == expected, variant.hex()
+                cases += 1
+    assert cases > 5000
+    # And the fast path really reads what CoreDNS sends, rather than handing it on.
+    corpus = _corpus()
+    for wire in corpus[:8] + corpus[12:14]:
+        assert _read_fast(wire, dns.rdatatype.A) is not None

@@ -59,7 +59,7 @@ async def test_concurrency_bound_holds(start_dns: StartDNS) -> None:
 async def test_rounds_record_results_and_count_rounds(healthy_dns: CoreDNS) -> None:
     registry = CollectorRegistry()
     store = ResultStore()
-    metrics = register(registry, store)
+    metrics = register(registry)
     settings = ProbeSettings(interval=0.2, timeout=0.1)
     scheduler = Scheduler(settings, store, metrics)
     scheduler.set_targets([Target(Kind.STATIC, Endpoint(healthy_dns.host, healthy_dns.port))],
