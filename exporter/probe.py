@@ -29,6 +29,8 @@ import socket
 import struct
 import sys
 import time
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import dns.exception
@@ -310,6 +312,7 @@ def _rcode_text(rcode: int) -> str:
     return dns.rcode.to_text(dns.rcode.Rcode.make(rcode))
 
 
+@functools.lru_cache(maxsize=65536)
 def _family(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
 
@@ -330,61 +333,58 @@ async def probe(
 ) -> ProbeResult:
     """Send `query` to `host`:`port` over `protocol` and judge the answer.
 
-    Never raises for anything the network or the server does; cancellation propagates.
-    `trace`, when given, receives the probe's log lines.
+    Never raises for anything the network or the server does; cancellation propagates
+    (and closes the probe's socket). `trace`, when given, receives the probe's log lines.
     """
-    log = _Trace(trace)
-    started_at = time.time()
-    qid, wire = build_query(query)
-    if log:
-        log(
-            f"sending {query.rdtype} {query.qname} id={qid} to {host} port {port} "
-            f"over {protocol}, timeout {timeout:g}s"
-        )
+    loop = asyncio.get_running_loop()
+    result: asyncio.Future[ProbeResult] = loop.create_future()
+
+    def done(outcome: ProbeResult) -> None:
+        if not result.done():
+            result.set_result(outcome)
+
+    handle = start_probe(host, port, protocol, query, timeout, done, trace)
     try:
-        family = _family(host)
-    except ValueError:
-        return ProbeResult(Outcome.ERROR, f"not an IP address: {host!r}", started_at=started_at)
-    try:
-        sock = socket.socket(
-            family, socket.SOCK_DGRAM if protocol is Protocol.UDP else socket.SOCK_STREAM
-        )
-    except OSError as exc:  # out of file descriptors, most likely: say so, do not crash
-        return ProbeResult(Outcome.ERROR, f"cannot open a socket: {exc}", started_at=started_at)
-    ignored: list[str] = []
-    exchange = _Exchange(sock, wire, _rdtype(query.rdtype), log, ignored)
-    try:
-        async with asyncio.timeout(timeout):
-            if protocol is Protocol.UDP:
-                await exchange.udp(host, port)
-            else:
-                await exchange.tcp(host, port)
-    except TimeoutError:
-        reason = f"no response within {timeout:g}s"
-        if ignored:
-            reason += f" (ignored {len(ignored)} non-matching datagram(s): {ignored[-1]})"
-        log(reason)
-        return ProbeResult(Outcome.TIMEOUT, reason, started_at=started_at)
-    except OSError as exc:
-        reason = _unreachable_reason(exc)
-        log(reason)
-        if isinstance(exc, ConnectionRefusedError) or exc.errno in _UNREACHABLE_ERRNOS:
-            return ProbeResult(Outcome.UNREACHABLE, reason, started_at=started_at)
-        return ProbeResult(Outcome.ERROR, f"socket error: {exc}", started_at=started_at)
-    except _MalformedResponse as exc:
-        log(str(exc))
-        return ProbeResult(Outcome.ERROR, str(exc), rtt_seconds=exc.rtt, started_at=started_at)
+        return await result
     finally:
-        sock.close()
-    response, rtt = exchange.response, exchange.rtt
-    assert response is not None
-    outcome, reason, answers = evaluate(query, response, protocol)
-    rcode = _rcode_text(response.rcode)
-    if log:
-        _trace_response(log, exchange.data, rtt, outcome, reason)
-    return ProbeResult(
-        outcome, reason, rtt_seconds=rtt, rcode=rcode, answers=answers, started_at=started_at
-    )
+        handle.cancel()  # a no-op once done
+
+
+def start_probe(
+    host: str,
+    port: int,
+    protocol: Protocol,
+    query: Query,
+    timeout: float,
+    done: Callable[[ProbeResult], None],
+    trace: list[str] | None = None,
+) -> ProbeHandle:
+    """Start a probe on the running event loop; `done` gets its result, exactly once.
+
+    A UDP probe is driven by loop callbacks alone (no task, no coroutine): this is the
+    path the scheduler takes thousands of times a second. `done` is called from a loop
+    callback, or before this returns when the probe cannot start (a bad address, no
+    socket to be had). `ProbeHandle.cancel()` abandons the probe without calling `done`.
+    """
+    exchange = _Exchange(query, protocol, timeout, done, _Trace(trace))
+    exchange.start(asyncio.get_running_loop(), host, port)
+    return exchange
+
+
+class ProbeHandle(typing.Protocol):
+    @property
+    def finished(self) -> bool:
+        """True once `done` was called or the probe was cancelled."""
+
+    def cancel(self) -> None:
+        """Abandon the probe: close its socket, and never call `done`."""
+
+
+def _unreachable(exc: OSError) -> tuple[Outcome, str]:
+    reason = _unreachable_reason(exc)
+    if isinstance(exc, ConnectionRefusedError) or exc.errno in _UNREACHABLE_ERRNOS:
+        return Outcome.UNREACHABLE, reason
+    return Outcome.ERROR, f"socket error: {exc}"
 
 
 def _trace_response(log: _Trace, data: bytes, rtt: float, outcome: Outcome, reason: str) -> None:
@@ -437,41 +437,180 @@ def _enable_timestamps(sock: socket.socket) -> None:
             sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
 
 
+# struct tcp_info: eight u8 fields, then u32 fields of which tcpi_rtt (microseconds) is
+# the 16th. Right after the handshake it holds the SYN to SYN-ACK round trip.
+_TCPI_RTT = struct.Struct("@I")
+_TCPI_RTT_OFFSET = 8 + 15 * 4
+
+
+def _handshake_rtt(sock: socket.socket, fallback: float) -> float:
+    """The connection's round trip in seconds as the kernel measured it; `fallback` (the
+    user-space time to connect) where TCP_INFO is not available or plausible."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+        (rtt_us,) = _TCPI_RTT.unpack_from(info, _TCPI_RTT_OFFSET)
+    except (OSError, AttributeError, struct.error):
+        return fallback
+    return rtt_us / 1e6 if 0 < rtt_us / 1e6 <= fallback else fallback
+
+
 def _wake(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_result(None)
 
 
-class _Exchange:
-    """One query and its response on one socket: the I/O half of a probe.
+async def _readable(sock: socket.socket) -> None:
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future[None] = loop.create_future()
+    fd = sock.fileno()
+    loop.add_reader(fd, _wake, waiter)
+    try:
+        await waiter
+    finally:
+        loop.remove_reader(fd)
 
-    Reads go through recvmsg() to get the kernel's receive timestamp; the round trip is
-    that timestamp minus the wall-clock time taken just before sending (for TCP, before
-    connecting). When the kernel gives no timestamp, or a clock step makes it implausible
-    (later than the read itself), the monotonic user-space measure is used instead.
+
+class _Exchange:
+    """One probe: a query and its response on a socket of its own.
+
+    UDP runs on loop callbacks: send, a reader for the socket, a timer for the timeout,
+    and whichever fires first finishes the probe. TCP, with its connect and partial
+    reads, runs as a task under `asyncio.timeout`. Reads go through recvmsg() to get the
+    kernel's receive timestamp; the round trip is that timestamp minus the wall-clock
+    time taken just before sending. When the kernel gives no timestamp, or a clock step
+    makes it implausible (later than the read itself), the monotonic user-space measure
+    is used instead.
     """
 
     __slots__ = (
-        "_ignored", "_log", "_rdtype", "_rx_ns", "_sent", "_sent_ns", "_sock", "_wire",
-        "data", "response", "rtt",
+        "_done", "_fd", "_finished", "_handshake", "_ignored", "_log", "_loop", "_protocol",
+        "_query", "_rdtype", "_rx_ns", "_sent", "_sent_ns", "_sock", "_started_at", "_task",
+        "_timeout", "_timer", "_wire", "data", "response", "rtt",
     )
 
     def __init__(
-        self, sock: socket.socket, wire: bytes, rdtype: int, log: _Trace, ignored: list[str]
+        self,
+        query: Query,
+        protocol: Protocol,
+        timeout: float,
+        done: Callable[[ProbeResult], None],
+        log: _Trace,
     ) -> None:
-        sock.setblocking(False)
-        self._sock = sock
-        self._wire = wire
-        self._rdtype = rdtype
+        self._query = query
+        self._protocol = protocol
+        self._timeout = timeout
+        self._done = done
         self._log = log
-        self._ignored = ignored
-        _enable_timestamps(sock)
+        self._started_at = time.time()
+        self._rdtype = _rdtype(query.rdtype)
+        self._ignored: list[str] = []
+        self._sock: socket.socket | None = None
+        self._fd = -1  # registered with the loop's selector
+        self._timer: asyncio.TimerHandle | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._finished = False
         self._sent_ns = 0
         self._sent = 0.0
         self._rx_ns: int | None = None
+        self._handshake = 0.0  # TCP: the connection's round trip, added to the query's
+        self._wire = b""
         self.data = b""
         self.response: Response | None = None
         self.rtt = 0.0
+
+    # -- life cycle ------------------------------------------------------------------
+
+    def start(self, loop: asyncio.AbstractEventLoop, host: str, port: int) -> None:
+        self._loop = loop
+        qid, self._wire = build_query(self._query)
+        query, protocol = self._query, self._protocol
+        if self._log:
+            self._log(
+                f"sending {query.rdtype} {query.qname} id={qid} to {host} port {port} "
+                f"over {protocol}, timeout {self._timeout:g}s"
+            )
+        try:
+            family = _family(host)
+        except ValueError:
+            self._fail(Outcome.ERROR, f"not an IP address: {host!r}")
+            return
+        try:
+            sock = socket.socket(
+                family, socket.SOCK_DGRAM if protocol is Protocol.UDP else socket.SOCK_STREAM
+            )
+        except OSError as exc:  # out of file descriptors, most likely: say so, do not crash
+            self._fail(Outcome.ERROR, f"cannot open a socket: {exc}")
+            return
+        self._sock = sock
+        sock.setblocking(False)
+        _enable_timestamps(sock)
+        if protocol is Protocol.TCP:
+            self._task = loop.create_task(self._tcp(host, port))
+            return
+        try:
+            # connect() on UDP only sets the peer: the kernel then drops datagrams from
+            # other sources and reports ICMP port-unreachable on the next receive.
+            sock.connect((host, port))
+            self._start_clock()
+            sock.send(self._wire)
+        except OSError as exc:
+            self._fail(*_unreachable(exc))
+            return
+        self._fd = sock.fileno()
+        loop.add_reader(self._fd, self._udp_readable)
+        self._timer = loop.call_later(self._timeout, self._expired)
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
+
+    def cancel(self) -> None:
+        """Abandon the probe: close its socket, and never call `done`."""
+        if not self._finished:
+            self._finished = True
+            if self._task is not None:
+                self._task.cancel()
+            self._close()
+
+    def _close(self) -> None:
+        if self._fd >= 0:
+            self._loop.remove_reader(self._fd)
+            self._fd = -1
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._sock is not None:
+            self._sock.close()
+
+    def _finish(self, result: ProbeResult) -> None:
+        if not self._finished:
+            self._finished = True
+            self._close()
+            self._done(result)
+
+    def _fail(self, outcome: Outcome, reason: str, rtt: float | None = None) -> None:
+        self._log(reason)
+        self._finish(ProbeResult(outcome, reason, rtt_seconds=rtt, started_at=self._started_at))
+
+    def _expired(self) -> None:
+        reason = f"no response within {self._timeout:g}s"
+        if self._ignored:
+            reason += (
+                f" (ignored {len(self._ignored)} non-matching datagram(s): {self._ignored[-1]})"
+            )
+        self._fail(Outcome.TIMEOUT, reason)
+
+    def _answered(self) -> None:
+        response = self.response
+        assert response is not None
+        outcome, reason, answers = evaluate(self._query, response, self._protocol)
+        if self._log:
+            _trace_response(self._log, self.data, self.rtt, outcome, reason)
+        self._finish(ProbeResult(
+            outcome, reason, rtt_seconds=self.rtt, rcode=_rcode_text(response.rcode),
+            answers=answers, started_at=self._started_at,
+        ))
+
+    # -- clocks and reads ------------------------------------------------------------
 
     def _start_clock(self) -> None:
         self._sent_ns = time.time_ns()
@@ -482,36 +621,23 @@ class _Exchange:
         if self._rx_ns is not None:
             kernel = (self._rx_ns - self._sent_ns) / 1e9
             if 0.0 <= kernel <= elapsed:
-                return kernel
-        return elapsed
+                return self._handshake + kernel
+        return self._handshake + elapsed
 
-    async def _recv(self, size: int) -> bytes:
-        """Up to `size` bytes as soon as any arrive, noting the kernel timestamp."""
-        sock = self._sock
-        loop: asyncio.AbstractEventLoop | None = None
-        while True:
-            try:
-                data, ancillary, _, _ = sock.recvmsg(size, _ANCILLARY)
-            except (BlockingIOError, InterruptedError):
-                loop = loop or asyncio.get_running_loop()
-                waiter: asyncio.Future[None] = loop.create_future()
-                fd = sock.fileno()
-                loop.add_reader(fd, _wake, waiter)
-                try:
-                    await waiter
-                finally:
-                    loop.remove_reader(fd)
-                continue
-            for level, kind, payload in ancillary:
-                if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS:
-                    seconds, nanoseconds = _TIMESPEC.unpack_from(payload)
-                    self._rx_ns = seconds * 1_000_000_000 + nanoseconds
-            return data
+    def _read(self, size: int) -> bytes:
+        """Up to `size` bytes now, noting the kernel's timestamp; BlockingIOError if none."""
+        assert self._sock is not None
+        data, ancillary, _, _ = self._sock.recvmsg(size, _ANCILLARY)
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS:
+                seconds, nanoseconds = _TIMESPEC.unpack_from(payload)
+                self._rx_ns = seconds * 1_000_000_000 + nanoseconds
+        return data
 
     def _accept(self, data: bytes) -> bool:
         """True when `data` is the response (kept in .response); False when it is someone
         else's and was ignored. A response with our ID and question that does not parse
-        is the server's fault and fails the probe."""
+        is the server's fault and fails the probe (_MalformedResponse)."""
         rtt = self._elapsed()
         note = _mismatch(data, self._wire)
         if note is not None:
@@ -526,14 +652,46 @@ class _Exchange:
         self.data, self.rtt = data, rtt
         return True
 
-    async def udp(self, host: str, port: int) -> None:
-        # connect() on UDP only sets the peer: the kernel then drops datagrams from other
-        # sources and reports ICMP port-unreachable on the next receive.
-        self._sock.connect((host, port))
-        self._start_clock()
-        self._sock.send(self._wire)
-        while not self._accept(await self._recv(_MAX_MESSAGE)):
-            pass
+    # -- UDP: callbacks ---------------------------------------------------------------
+
+    def _udp_readable(self) -> None:
+        try:
+            data = self._read(_MAX_MESSAGE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._fail(*_unreachable(exc))
+            return
+        try:
+            if self._accept(data):
+                self._answered()
+        except _MalformedResponse as exc:
+            self._fail(Outcome.ERROR, str(exc), exc.rtt)
+
+    # -- TCP: a task -----------------------------------------------------------------
+
+    async def _tcp(self, host: str, port: int) -> None:
+        try:
+            async with asyncio.timeout(self._timeout):
+                await self._tcp_exchange(host, port)
+        except TimeoutError:
+            self._expired()
+        except OSError as exc:
+            self._fail(*_unreachable(exc))
+        except _MalformedResponse as exc:
+            self._fail(Outcome.ERROR, str(exc), exc.rtt)
+        else:
+            self._answered()
+        finally:
+            self._close()
+
+    async def _recv(self, size: int) -> bytes:
+        assert self._sock is not None
+        while True:
+            try:
+                return self._read(size)
+            except (BlockingIOError, InterruptedError):
+                await _readable(self._sock)
 
     async def _recv_exactly(self, n: int) -> bytes:
         buf = b""
@@ -544,12 +702,18 @@ class _Exchange:
             buf += chunk
         return buf
 
-    async def tcp(self, host: str, port: int) -> None:
-        loop = asyncio.get_running_loop()
+    async def _tcp_exchange(self, host: str, port: int) -> None:
+        """The round trip is the handshake's, as the kernel measured it (TCP_INFO), plus
+        the query's from sending to the kernel's receive timestamp of the answer."""
+        assert self._sock is not None
+        loop = self._loop
         self._start_clock()
         await loop.sock_connect(self._sock, (host, port))
+        connected = time.perf_counter() - self._sent
+        self._handshake = _handshake_rtt(self._sock, connected)
         if self._log:
-            self._log(f"connected after {(time.perf_counter() - self._sent) * 1000:.3f}ms")
+            self._log(f"connected, handshake round trip {self._handshake * 1000:.3f}ms")
+        self._start_clock()
         await loop.sock_sendall(self._sock, struct.pack("!H", len(self._wire)) + self._wire)
         try:
             while True:
@@ -559,7 +723,7 @@ class _Exchange:
         except _Closed as exc:
             raise _MalformedResponse(
                 f"server closed the TCP connection before a full response ({exc})",
-                time.perf_counter() - self._sent,
+                self._handshake + time.perf_counter() - self._sent,
             ) from exc
 
 

@@ -10,6 +10,7 @@ replicas do not probe in lockstep (the jitter). A semaphore bounds probes in fli
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import zlib
@@ -18,7 +19,7 @@ from collections.abc import Sequence
 
 from .collector import ProcessMetrics, ResultStore
 from .config import ProbeSettings
-from .probe import Outcome, ProbeResult, Query, probe
+from .probe import Outcome, ProbeHandle, ProbeResult, Query, probe, start_probe
 from .targets import Check, Target, expand_checks
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,9 @@ class Scheduler:
         self._offsets: dict[Check, float] = {}
         self._seed = random.getrandbits(32)
         self._semaphore = asyncio.Semaphore(settings.concurrency)
-        self._inflight: set[asyncio.Task[None]] = set()
+        self._inflight: set[ProbeHandle] = set()
+        self._idle = asyncio.Event()  # set when no probe is in flight
+        self._idle.set()
         self.targets: list[Target] = []
         self.history: deque[tuple[Check, ProbeResult]] = deque(maxlen=HISTORY)
 
@@ -75,13 +78,22 @@ class Scheduler:
                 endpoint.host, endpoint.port, check.protocol, check.query, self._settings.timeout
             )
         except Exception as exc:  # a bug in one probe must not stop the rounds
-            log.exception("probe of %s failed unexpectedly", endpoint.address)
-            result = ProbeResult(Outcome.ERROR, f"internal error: {exc!r}")
+            result = self._internal_error(check, exc)
+        self._record(check, result)
+        return result
+
+    def _internal_error(self, check: Check, exc: Exception) -> ProbeResult:
+        log.error("probe of %s failed unexpectedly", check.target.endpoint.address,
+                  exc_info=exc)
+        return ProbeResult(Outcome.ERROR, f"internal error: {exc!r}")
+
+    def _record(self, check: Check, result: ProbeResult) -> None:
         previous = self._store.last(check)
         self._store.record(check, result)
         self.history.append((check, result))
         if (previous.outcome if previous else Outcome.SUCCESS) is not result.outcome:
             # Once per change, not per probe: a dead target must not flood the log.
+            endpoint = check.target.endpoint
             log.log(
                 logging.INFO if result.ok else logging.WARNING,
                 "probe outcome changed",
@@ -92,7 +104,6 @@ class Scheduler:
                     "reason": result.reason,
                 }},
             )
-        return result
 
     async def run_once(self) -> list[tuple[Check, ProbeResult]]:
         """Probe every check now (no spread), bounded by the concurrency limit."""
@@ -118,9 +129,7 @@ class Scheduler:
                 if delay > _MIN_SLEEP:
                     await asyncio.sleep(delay)
                 await self._semaphore.acquire()
-                task = asyncio.create_task(self._probe_in_slot(check))
-                self._inflight.add(task)
-                task.add_done_callback(self._inflight.discard)
+                self._dispatch(check)
             k += 1
             now = loop.time()
             if now > start + k * interval:
@@ -135,19 +144,38 @@ class Scheduler:
                 k += missed
             await asyncio.sleep(max(0.0, start + k * interval - loop.time()))
 
-    async def _probe_in_slot(self, check: Check) -> None:
-        try:
-            await self._probe(check)
-        finally:
+    def _dispatch(self, check: Check) -> None:
+        """Start one probe in a slot already taken; its callback records the result and
+        frees the slot. No task per probe: rounds of thousands of probes stay cheap."""
+        endpoint = check.target.endpoint
+        handle: ProbeHandle | None = None
+
+        def done(result: ProbeResult) -> None:
+            if handle is not None:
+                self._inflight.discard(handle)
             self._semaphore.release()
+            if not self._inflight:
+                self._idle.set()
+            try:
+                self._record(check, result)
+            except Exception:  # the rounds go on whatever one result does
+                log.exception("recording the probe of %s failed", endpoint.address)
+
+        try:
+            handle = start_probe(endpoint.host, endpoint.port, check.protocol, check.query,
+                                 self._settings.timeout, done)
+        except Exception as exc:  # a bug in one probe must not stop the rounds
+            done(self._internal_error(check, exc))
+            return
+        if not handle.finished:  # else done() has run already
+            self._inflight.add(handle)
+            self._idle.clear()
 
     async def drain(self) -> None:
         """Let in-flight probes finish (each is bounded by the timeout), then stop."""
-        if self._inflight:
-            _, pending = await asyncio.wait(
-                set(self._inflight), timeout=self._settings.timeout + 1.0
-            )
-            for task in pending:
-                task.cancel()
-            if pending:
-                await asyncio.wait(pending)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self._settings.timeout + 1.0):
+                await self._idle.wait()
+        for handle in list(self._inflight):
+            handle.cancel()
+        self._inflight.clear()

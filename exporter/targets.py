@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .probe import Protocol, Query
@@ -59,6 +59,14 @@ class Check:
     target: Target
     protocol: Protocol
     query: Query
+    # A check is a dict key on every probe (the result store): its hash is computed once.
+    _hash: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash((self.target, self.protocol, self.query)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     def label_values(self) -> tuple[str, ...]:
         """Values for `TARGET_LABELS`, in that order."""

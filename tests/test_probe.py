@@ -7,9 +7,11 @@ honest DNS server sends them; everything else is a real CoreDNS process.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import socket
 import struct
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import cast
 
@@ -23,6 +25,7 @@ import pytest
 
 from exporter.probe import (
     Outcome,
+    ProbeResult,
     Protocol,
     Query,
     Response,
@@ -30,6 +33,7 @@ from exporter.probe import (
     evaluate,
     probe,
     read_response,
+    start_probe,
 )
 from tests.conftest import StartDNS
 from tests.harness.coredns import (
@@ -72,6 +76,28 @@ async def test_without_expectation_any_record_of_the_type_passes(start_dns: Star
     server = start_dns(Behaviour.WRONG_ANSWER)
     result = await probe(server.host, server.port, Protocol.UDP, ANY_A, 1.0)
     assert result.outcome is Outcome.SUCCESS
+
+
+@pytest.mark.parametrize("protocol", list(Protocol))
+async def test_latency_is_the_round_trip_not_the_event_loop_delay(
+    healthy_dns: CoreDNS, protocol: Protocol
+) -> None:
+    """The kernel stamps the response when it arrives: a loop blocked meanwhile (by a big
+    scrape, say) delays reading it, not the latency reported."""
+    await probe(healthy_dns.host, healthy_dns.port, protocol, KUBERNETES, 1.0)  # warm up
+    task = asyncio.create_task(
+        probe(healthy_dns.host, healthy_dns.port, protocol, KUBERNETES, 1.0)
+    )
+    blocked = 0.2
+    loop = asyncio.get_running_loop()
+    # Block the loop once the probe has sent its query (UDP) or started to connect (TCP);
+    # CoreDNS, another process, answers meanwhile.
+    loop.call_soon(lambda: loop.call_soon(time.sleep, blocked))
+    t0 = time.perf_counter()
+    result = await task
+    assert time.perf_counter() - t0 >= blocked
+    assert result.ok, result.reason
+    assert result.rtt_seconds is not None and result.rtt_seconds < blocked / 2
 
 
 async def test_nodata_is_a_wrong_answer(healthy_dns: CoreDNS) -> None:
@@ -134,6 +160,33 @@ async def test_closed_port_is_unreachable_not_a_timeout(
     result = await probe(healthy_dns.host, healthy_dns.port + 1, protocol, ANY_A, 1.0)
     assert result.outcome is Outcome.UNREACHABLE
     assert "refused" in result.reason
+
+
+@pytest.mark.parametrize("protocol", BOTH)
+async def test_cancelled_probe_closes_its_socket_and_reports_nothing(
+    peer: PeerFactory, protocol: Protocol
+) -> None:
+    """A probe abandoned mid-flight (shutdown, a removed target) leaves no socket behind
+    and never calls back."""
+    host, port = await peer(lambda query: [])  # a UDP peer that never answers
+    if protocol is Protocol.TCP:
+        listener = socket.create_server((host, 0))  # accepts, never answers
+        port = listener.getsockname()[1]
+    fds = len(os.listdir("/proc/self/fd"))
+    results: list[ProbeResult] = []
+    handle = start_probe(host, port, protocol, KUBERNETES, 5.0, results.append)
+    task = asyncio.create_task(probe(host, port, protocol, KUBERNETES, 5.0))
+    await asyncio.sleep(0)  # the task starts its probe; nothing will answer either
+    assert len(os.listdir("/proc/self/fd")) == fds + 2
+    handle.cancel()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.sleep(0)  # the cancelled TCP task runs its cleanup
+    assert handle.finished and results == []
+    assert len(os.listdir("/proc/self/fd")) == fds
+    if protocol is Protocol.TCP:
+        listener.close()
 
 
 async def test_invalid_host_is_an_error_not_an_exception() -> None:

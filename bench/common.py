@@ -1,0 +1,107 @@
+"""What the benchmark phases share: loopback targets, processes and their CPU and memory,
+percentiles, scraping."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from exporter.probe import Query
+from tests.harness import coredns
+from tests.harness.cluster import free_port
+from tests.harness.components import coredns_binary, stop_process
+
+RESULTS = Path(__file__).parent / "results"
+ROOT = Path(__file__).resolve().parent.parent
+# What every phase asks, and what the answer must hold (answer validated, for both tools).
+QUERY = Query("kubernetes", coredns.KUBERNETES_NAME + ".", "A", (coredns.KUBERNETES_IP,))
+DNS_PORT = coredns.DNS_PORT
+_TICK = os.sysconf("SC_CLK_TCK")
+
+__all__ = ["DNS_PORT", "QUERY", "RESULTS", "ROOT", "free_port"]
+
+
+def addresses(n: int, prefix: str = "127.54") -> list[str]:
+    """n distinct loopback addresses: every target has its own."""
+    if not 1 <= n <= 250 * 250:
+        raise ValueError(f"between 1 and 62500 addresses, not {n}")
+    return [f"{prefix}.{i // 250}.{i % 250 + 2}" for i in range(n)]
+
+
+@contextlib.contextmanager
+def dns_servers(workdir: Path, hosts: Sequence[str]) -> Iterator[coredns.CoreDNS]:
+    """One real CoreDNS answering on every one of `hosts`, port DNS_PORT."""
+    binary = coredns_binary()
+    if binary is None:
+        sys.exit("bench: CoreDNS is not installed; run scripts/install-test-tools")
+    server = coredns.start(binary, workdir, host=hosts[0], extra_hosts=hosts[1:])
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@contextlib.contextmanager
+def process(args: Sequence[str], log: Path, cwd: Path = ROOT) -> Iterator[subprocess.Popen[bytes]]:
+    """A child process, its output in `log`, stopped by its PID at the end."""
+    with log.open("wb") as out:
+        child = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=cwd)
+        try:
+            yield child
+        finally:
+            stop_process(child)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process, all its threads (exited ones included)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def fetch(url: str, timeout: float = 10.0) -> bytes:
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        body: bytes = response.read()
+        return body
+
+
+def await_http(url: str, child: subprocess.Popen[bytes], log: Path, timeout: float = 30) -> None:
+    """Return once `url` answers 200; exit with the child's log if it dies or never does."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if child.poll() is not None:
+            sys.exit(f"bench: {child.args!r} exited:\n{log.read_text()[-3000:]}")
+        with contextlib.suppress(OSError):
+            fetch(url, timeout=1)
+            return
+        time.sleep(0.1)  # polling a process that is starting: there is no event to wait on
+    sys.exit(f"bench: {url} did not answer within {timeout:g}s:\n{log.read_text()[-3000:]}")
+
+
+def sample_sum(body: str, name: str, **labels: str) -> float:
+    """Sum of the samples of `name` whose labels include `labels` (text format)."""
+    total = 0.0
+    wanted = [f'{k}="{v}"' for k, v in labels.items()]
+    for line in body.splitlines():
+        if line.startswith((name + "{", name + " ")) and all(w in line for w in wanted):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
