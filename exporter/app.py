@@ -176,10 +176,16 @@ async def _probe_loop(app: web.Application) -> AsyncIterator[None]:
         state.plan.client.close()
 
 
-async def metrics_handler(request: web.Request) -> web.Response:
+async def metrics_handler(request: web.Request) -> web.StreamResponse:
+    """Streamed: the body of a large cluster is megabytes, rendered between probes."""
     exposition = request.app[STATE].exposition
-    body, content_type = await exposition.render(request.headers.get("Accept", ""))
-    return web.Response(body=body, headers={"Content-Type": content_type})
+    accept = request.headers.get("Accept", "")
+    response = web.StreamResponse(headers={"Content-Type": exposition.content_type(accept)})
+    await response.prepare(request)
+    async for chunk in exposition.stream(accept):
+        await response.write(chunk)
+    await response.write_eof()
+    return response
 
 
 async def healthy(request: web.Request) -> web.Response:

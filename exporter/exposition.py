@@ -2,22 +2,28 @@
 
 prometheus-client's `generate_latest()` builds a Python object per sample and formats it
 generically: about 0.5 s for a histogram with 2,000 label sets, all of it blocking the
-event loop (and so the probes). The per-check families here are rendered straight from
-the result store instead: each check's label text is built once and kept while the check
-lives, every value is an int except the histogram sum, and the work is done in chunks
-that hand the event loop back between them, so a scrape never holds probes up for more
-than a chunk. A chunk renders all three families of its checks at once: a check's
-success, histogram and counters in one scrape always come from the same moment.
+event loop (and so the probes). The per-check families are rendered here instead, straight
+from the result store, and streamed:
+
+- each check's label text is built once and kept while the check lives;
+- a scrape first takes a snapshot of every check's counts (per check, all from one
+  moment: a check's success, histogram and counters always agree), then writes the
+  families chunk by chunk, handing the event loop back between chunks, so a scrape never
+  holds probes up for more than a chunk;
+- no body-sized string is ever built: with 1,000 pods the body is about 10 MB, and
+  allocating and copying strings that size blocks the loop for tens of milliseconds and
+  leaves the process that much bigger.
 
 Process-level metrics (build info, rounds, remediations, process_* and python_*) stay
-ordinary prometheus-client metrics in the registry, rendered after these; with OpenMetrics
-its `# EOF` ends the body.
+ordinary prometheus-client metrics in the registry, written last; with OpenMetrics their
+`# EOF` ends the body.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
@@ -25,7 +31,7 @@ from prometheus_client.exposition import choose_encoder
 from .collector import BUCKETS, OUTCOMES, ResultStore
 from .targets import TARGET_LABELS, Check, Target
 
-# Checks rendered between two yields to the event loop (about a millisecond of work).
+# Checks (or targets) handled between two yields to the event loop: about a millisecond.
 CHUNK = 100
 
 _LE = [*(repr(b) for b in BUCKETS), "+Inf"]  # as Go and prometheus-client print `le`
@@ -48,14 +54,25 @@ def label_text(names: tuple[str, ...], values: tuple[str, ...]) -> str:
     return ",".join(f'{n}="{escape(v)}"' for n, v in zip(names, values, strict=True))
 
 
-def _header(name: str, kind: str, help_text: str, openmetrics: bool) -> str:
+def _header(name: str, kind: str, help_text: str, openmetrics: bool) -> bytes:
     # OpenMetrics names a counter family without its `_total`; the text format with it.
     family = name.removesuffix("_total") if openmetrics and kind == "counter" else name
-    return f"# HELP {family} {help_text}\n# TYPE {family} {kind}\n"
+    return f"# HELP {family} {help_text}\n# TYPE {family} {kind}\n".encode()
+
+
+@dataclass(frozen=True, slots=True)
+class _Row:
+    """One check's series values at the moment of the snapshot."""
+
+    labels: str
+    ok: bool
+    buckets: list[int]
+    rtt_sum: float
+    outcomes: list[int]
 
 
 class Exposition:
-    """Renders the store's checks and discovery's pod targets, then the registry."""
+    """Streams the store's checks and discovery's pod targets, then the registry."""
 
     def __init__(
         self,
@@ -69,56 +86,68 @@ class Exposition:
         self._check_labels: dict[Check, str] = {}
         self._target_labels: dict[Target, str] = {}
 
-    async def render(self, accept: str = "") -> tuple[bytes, str]:
-        """The body and its content type for a request with this Accept header."""
+    @staticmethod
+    def content_type(accept: str) -> str:
+        """The format a request with this Accept header gets."""
+        return choose_encoder(accept)[1]
+
+    async def render(self, accept: str = "") -> bytes:
+        """The whole body at once (for tests and small stores; /metrics streams)."""
+        return b"".join([chunk async for chunk in self.stream(accept)])
+
+    async def stream(self, accept: str = "") -> AsyncIterator[bytes]:
+        """The body in pieces of at most a chunk's worth of series each."""
         encoder, content_type = choose_encoder(accept)
         openmetrics = content_type.startswith(OPENMETRICS)
-        parts = [await self._checks(openmetrics), await self._targets(openmetrics)]
-        # Rendered last: the registry's own families are few, and OpenMetrics' `# EOF`
-        # that it appends must end the body.
-        parts.append(encoder(self._registry).decode())
-        return "".join(parts).encode(), content_type
+        rows = await self._snapshot()
+        yield _header("dnsprobe_success", "gauge", SUCCESS_HELP, openmetrics)
+        for start in range(0, len(rows), CHUNK * 4):
+            yield "".join([
+                f"dnsprobe_success{{{row.labels}}} {1 if row.ok else 0}\n"
+                for row in rows[start : start + CHUNK * 4]
+            ]).encode()
+            await asyncio.sleep(0)
+        yield _header("dnsprobe_duration_seconds", "histogram", DURATION_HELP, openmetrics)
+        for start in range(0, len(rows), CHUNK):
+            yield _durations(rows[start : start + CHUNK]).encode()
+            await asyncio.sleep(0)
+        yield _header("dnsprobe_probes_total", "counter", PROBES_HELP, openmetrics)
+        for start in range(0, len(rows), CHUNK):
+            yield "".join([
+                f'dnsprobe_probes_total{{{row.labels},result="{outcome}"}} {count}\n'
+                for row in rows[start : start + CHUNK]
+                for outcome, count in zip(OUTCOMES, row.outcomes, strict=True)
+            ]).encode()
+            await asyncio.sleep(0)
+        yield _header("dnsprobe_target_info", "gauge", TARGET_INFO_HELP, openmetrics)
+        async for chunk in self._target_info():
+            yield chunk
+        # Last: the registry's families are few, and OpenMetrics' `# EOF`, which its
+        # encoder appends, must end the body.
+        yield encoder(self._registry)
 
-    async def _checks(self, openmetrics: bool) -> str:
+    async def _snapshot(self) -> list[_Row]:
         states = self._store.states()
         known, labels = self._check_labels, {}
-        success = [_header("dnsprobe_success", "gauge", SUCCESS_HELP, openmetrics)]
-        duration = [_header("dnsprobe_duration_seconds", "histogram", DURATION_HELP, openmetrics)]
-        probes = [_header("dnsprobe_probes_total", "counter", PROBES_HELP, openmetrics)]
-        for start in range(0, len(states), CHUNK):
+        rows: list[_Row] = []
+        for start in range(0, len(states), CHUNK * 4):
             if start:
                 await asyncio.sleep(0)
-            # Lines are joined per chunk, so a scrape holds few small strings at a time.
-            s: list[str] = []
-            d: list[str] = []
-            p: list[str] = []
-            for check, state in states[start : start + CHUNK]:
+            for check, state in states[start : start + CHUNK * 4]:
                 text = known.get(check)
                 if text is None:
                     text = label_text(TARGET_LABELS, check.label_values())
                 labels[check] = text
-                s.append(f"dnsprobe_success{{{text}}} {1 if state.last.ok else 0}\n")
-                cumulative = 0
-                for le, count in zip(_LE, state.bucket_counts, strict=True):
-                    cumulative += count
-                    d.append(f'dnsprobe_duration_seconds_bucket{{{text},le="{le}"}} {cumulative}\n')
-                d.append(f"dnsprobe_duration_seconds_count{{{text}}} {cumulative}\n")
-                d.append(f"dnsprobe_duration_seconds_sum{{{text}}} {state.rtt_sum!r}\n")
-                for outcome, count in zip(OUTCOMES, state.outcome_counts, strict=True):
-                    p.append(f'dnsprobe_probes_total{{{text},result="{outcome}"}} {count}\n')
-            success.append("".join(s))
-            duration.append("".join(d))
-            probes.append("".join(p))
+                rows.append(_Row(text, state.last.ok, list(state.bucket_counts), state.rtt_sum,
+                                 list(state.outcome_counts)))
         self._check_labels = labels  # checks gone since the last scrape are forgotten
-        return "".join(success) + "".join(duration) + "".join(probes)
+        return rows
 
-    async def _targets(self, openmetrics: bool) -> str:
+    async def _target_info(self) -> AsyncIterator[bytes]:
         pods = list(self._pod_ready.items())
         known, labels = self._target_labels, {}
-        lines = [_header("dnsprobe_target_info", "gauge", TARGET_INFO_HELP, openmetrics)]
         for start in range(0, len(pods), CHUNK * 4):
-            if start:
-                await asyncio.sleep(0)
+            lines = []
             for target, ready in pods[start : start + CHUNK * 4]:
                 text = known.get(target)
                 if text is None:
@@ -128,5 +157,18 @@ class Exposition:
                 labels[target] = text
                 ready_text = "true" if ready else "false"
                 lines.append(f'dnsprobe_target_info{{{text},ready="{ready_text}"}} 1\n')
+            yield "".join(lines).encode()
+            await asyncio.sleep(0)
         self._target_labels = labels
-        return "".join(lines)
+
+
+def _durations(rows: list[_Row]) -> str:
+    lines = []
+    for row in rows:
+        text, cumulative = row.labels, 0
+        for le, count in zip(_LE, row.buckets, strict=True):
+            cumulative += count
+            lines.append(f'dnsprobe_duration_seconds_bucket{{{text},le="{le}"}} {cumulative}\n')
+        lines.append(f"dnsprobe_duration_seconds_count{{{text}}} {cumulative}\n")
+        lines.append(f"dnsprobe_duration_seconds_sum{{{text}}} {row.rtt_sum!r}\n")
+    return "".join(lines)

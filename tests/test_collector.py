@@ -52,8 +52,7 @@ Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
 def render(exposition: Exposition, accept: str = "") -> str:
-    body, _ = asyncio.run(exposition.render(accept))
-    return body.decode()
+    return asyncio.run(exposition.render(accept)).decode()
 
 
 def samples(text: str, openmetrics: bool = False) -> Samples:
