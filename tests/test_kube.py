@@ -161,7 +161,8 @@ def test_unusable_kubeconfig_is_a_config_error(tmp_path: Any) -> None:
 @pytest.fixture
 def admin(kube_cluster: Cluster) -> Iterator[tuple[kube.Client, Any, str]]:
     client = kube.Client.connect(str(kube_cluster.admin_kubeconfig))
-    core: Any = client.core
+    # The harness speaks to the API through the generated client; the exporter does not.
+    core: Any = kubernetes.client.CoreV1Api(client.api)
     namespace = f"t-{uuid.uuid4().hex[:8]}"
     core.create_namespace({"metadata": {"name": namespace}})
     yield client, core, namespace
