@@ -1,5 +1,5 @@
-"""Latency truth and scrape cost, under load: 1,000 pod targets x UDP and TCP, probed once
-a second (2,000 probes a second) and scraped once a second.
+"""Latency truth and scrape cost: 1,000 pod targets x UDP and TCP, probed every 5 s (the
+default) and then every second (2,000 probes a second), scraped once a second.
 
 The exporter's own application (`create_app`, its scheduler, its /metrics) runs in this
 process with 1,000 targets labelled as pods; one CoreDNS answers on their 1,000 loopback
@@ -149,7 +149,15 @@ async def _measure(
 
 
 def run(workdir: Path, hosts: list[str], seconds: float) -> dict[str, float]:
+    """Twice: at the default interval (5 s: 400 probes a second) for the scrape figures,
+    then at 1 s (2,000 probes a second) for latency truth under load."""
     started = time.monotonic()
-    figures = asyncio.run(_measure(workdir, hosts, seconds))
+    normal = asyncio.run(_measure(workdir, hosts, seconds, interval=5.0))
+    loaded = asyncio.run(_measure(workdir, hosts, seconds, interval=1.0))
+    figures = {k: v for k, v in loaded.items() if k.startswith("latency_")}
+    figures |= {k: v for k, v in normal.items() if not k.startswith("latency_")}
+    figures |= {f"{k}_at_2000_probes_per_s": v for k, v in loaded.items()
+                if k.startswith(("scrape_ms", "loop_lag"))}
+    figures["latency_error_p50_us_at_400_probes_per_s"] = normal["latency_error_p50_us"]
     figures["latency_phase_seconds"] = time.monotonic() - started
     return figures
