@@ -80,7 +80,7 @@ def run(workdir: Path, hosts: list[str], seconds: float) -> dict[str, float]:
             while time.monotonic() - t0 < seconds:  # bounded: `seconds` of 5 s scrapes
                 time.sleep(5.0)  # Prometheus' pace for this phase
                 body = fetch(url + "/metrics").decode()
-            rss, peak = rss_mb(child.pid), _hwm_mb(child.pid)
+            rss, peak = rss_mb(child.pid), rss_mb(child.pid, "VmHWM")
     finally:
         cluster.stop()
     return {
@@ -91,9 +91,3 @@ def run(workdir: Path, hosts: list[str], seconds: float) -> dict[str, float]:
         "rss_cluster_setup_seconds": populated,
     }
 
-
-def _hwm_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
