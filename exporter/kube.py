@@ -253,9 +253,7 @@ class Client:
         leave the process megabytes larger for good (a 1,000-pod list is about 3 MB of
         JSON, and several times that as Python objects).
         """
-        query = {k: v for k, v in (("labelSelector", label_selector),
-                                   ("fieldSelector", field_selector)) if v}
-        query["limit"] = str(LIST_PAGE)
+        query = _selectors(label_selector, field_selector) | {"limit": str(LIST_PAGE)}
         items: list[Any] = []
         while True:
             body = self.request("GET", f"/api/v1/namespaces/{namespace}/{resource}",
@@ -276,25 +274,18 @@ class Client:
 
         Raw, like every other call here: the generated CoreV1Api class alone would add
         about 20 MB to the process."""
-        query = {k: v for k, v in (("labelSelector", label_selector),
-                                   ("fieldSelector", field_selector)) if v}
-        query |= {"watch": "true", "resourceVersion": resource_version,
-                  "allowWatchBookmarks": "true", "timeoutSeconds": str(seconds)}
-        params = self.api.param_serialize(
-            method="GET", resource_path=f"/api/v1/namespaces/{namespace}/{resource}",
-            query_params=list(query.items()), header_params={"Accept": "application/json"},
-            auth_settings=["BearerToken"],
-        )
-        wrapped = self.api.call_api(
-            *params, _request_timeout=(REQUEST_TIMEOUT[0], seconds + WATCH_GRACE)
-        )
-        response: urllib3.HTTPResponse = wrapped.response
+        query = _selectors(label_selector, field_selector) | {
+            "watch": "true", "resourceVersion": resource_version,
+            "allowWatchBookmarks": "true", "timeoutSeconds": str(seconds),
+        }
+        response: urllib3.HTTPResponse = self._call(
+            "GET", f"/api/v1/namespaces/{namespace}/{resource}", query, None,
+            (REQUEST_TIMEOUT[0], seconds + WATCH_GRACE),
+        ).response
         if not 200 <= response.status <= 299:
             text = response.data.decode("utf-8", errors="replace")
             response.release_conn()
-            raise kubernetes.client.ApiException(
-                status=response.status, reason=response.reason, body=text
-            )
+            raise _api_error(response.status, response.reason, text)
         return response
 
     # -- plain requests (remediation) -------------------------------------------------
@@ -304,22 +295,27 @@ class Client:
         body: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
         """One API request with JSON in and out; ApiException for any non-2xx answer."""
+        response = self._call(method, path, query or {}, body, REQUEST_TIMEOUT)
+        response.read()
+        text = (response.data or b"").decode("utf-8", errors="replace")
+        if not 200 <= response.status <= 299:
+            raise _api_error(response.status, response.reason, text)
+        data = json.loads(text) if text else {}
+        return data if isinstance(data, dict) else {}
+
+    def _call(
+        self, method: str, path: str, query: Mapping[str, str],
+        body: Mapping[str, Any] | None, timeout: tuple[float, float],
+    ) -> Any:
+        """Send one request; the client's response wrapper, its body not yet read."""
         headers = {"Accept": "application/json"}
         if body is not None:
             headers["Content-Type"] = "application/json"
         params = self.api.param_serialize(
-            method=method, resource_path=path, query_params=list((query or {}).items()),
+            method=method, resource_path=path, query_params=list(query.items()),
             header_params=headers, body=body, auth_settings=["BearerToken"],
         )
-        response = self.api.call_api(*params, _request_timeout=REQUEST_TIMEOUT)
-        response.read()  # type: ignore[no-untyped-call]
-        text = (response.data or b"").decode("utf-8", errors="replace")
-        if not 200 <= response.status <= 299:
-            raise kubernetes.client.ApiException(
-                status=response.status, reason=response.reason, body=text
-            )
-        data = json.loads(text) if text else {}
-        return data if isinstance(data, dict) else {}
+        return self.api.call_api(*params, _request_timeout=timeout)
 
     def get(self, path: str) -> dict[str, Any] | None:
         """GET one object; None when it does not exist (404), ApiException otherwise."""
@@ -436,6 +432,15 @@ WatchEvent = Listed | Changed | Failed | Recovered
 
 class _Gone(Exception):
     """The watch's resourceVersion is too old (410): relist."""
+
+
+def _selectors(label_selector: str, field_selector: str) -> dict[str, str]:
+    return {k: v for k, v in (("labelSelector", label_selector),
+                              ("fieldSelector", field_selector)) if v}
+
+
+def _api_error(status: int, reason: str | None, text: str) -> ApiException:
+    return ApiException(status=status, reason=reason, body=text)
 
 
 # Items per page of a list (client-go's reflector uses 500).

@@ -317,12 +317,6 @@ def _family(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
 
 
-def _unreachable_reason(exc: OSError) -> str:
-    if isinstance(exc, ConnectionRefusedError):
-        return "port unreachable (connection refused)"
-    return f"unreachable: {exc.strerror or exc}"
-
-
 async def probe(
     host: str,
     port: int,
@@ -385,9 +379,11 @@ def _ignore(result: ProbeResult) -> None:
 
 
 def _unreachable(exc: OSError) -> tuple[Outcome, str]:
-    reason = _unreachable_reason(exc)
-    if isinstance(exc, ConnectionRefusedError) or exc.errno in _UNREACHABLE_ERRNOS:
-        return Outcome.UNREACHABLE, reason
+    """The outcome and reason for a socket error: unreachable, or some other error."""
+    if isinstance(exc, ConnectionRefusedError):
+        return Outcome.UNREACHABLE, "port unreachable (connection refused)"
+    if exc.errno in _UNREACHABLE_ERRNOS:
+        return Outcome.UNREACHABLE, f"unreachable: {exc.strerror or exc}"
     return Outcome.ERROR, f"socket error: {exc}"
 
 
