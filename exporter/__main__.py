@@ -17,12 +17,14 @@ from typing import Any
 
 from aiohttp import web
 
-from . import __version__, logs
+from . import __version__, kube, logs, modes
 from .app import Plan, create_app, default_query, plan_targets
 from .collector import ResultStore
-from .config import ConfigError, Settings, load
+from .config import ConfigError, Mode, Settings, load
 from .discovery import DiscoveryError, discover_once
+from .portforward import PortForward
 from .probe import ProbeResult
+from .probepod import ProbePod, ProbePodError
 from .scheduler import Scheduler
 from .targets import TARGET_LABELS, Check
 
@@ -107,19 +109,18 @@ def format_table(rows: list[tuple[Check, ProbeResult]]) -> str:
 
 async def check(settings: Settings, plan: Plan) -> int:
     targets, queries = plan.targets, plan.queries
-    if plan.client is not None:
+    scheduler = Scheduler(settings.probe, ResultStore())
+    if plan.client is None:
+        scheduler.set_targets(targets, queries)
+        rows = await scheduler.run_once()
+    else:
         try:
-            targets, queries = await discover_once(
-                settings, plan.client, lambda expect: default_query(settings, expect)
-            )
-        except DiscoveryError as exc:
-            print(f"coredns-health-exporter: cannot discover targets: {exc}", file=sys.stderr)
+            rows = await _check_kubernetes(settings, plan.client, scheduler)
+        except (DiscoveryError, modes.NoMode, ProbePodError) as exc:
+            print(f"coredns-health-exporter: {exc}", file=sys.stderr)
             return EXIT_UNHEALTHY
         finally:
             plan.client.close()
-    scheduler = Scheduler(settings.probe, ResultStore())
-    scheduler.set_targets(targets, queries)
-    rows = await scheduler.run_once()
     healthy = bool(rows) and all(result.ok for _, result in rows)
     if settings.json_output:
         data = {"healthy": healthy, "results": [result_record(c, r) for c, r in rows]}
@@ -129,6 +130,41 @@ async def check(settings: Settings, plan: Plan) -> int:
         failing = sum(1 for _, r in rows if not r.ok)
         print(f"\n{len(rows) - failing} of {len(rows)} probes passed.")
     return EXIT_OK if healthy else EXIT_UNHEALTHY
+
+
+async def _check_kubernetes(
+    settings: Settings, client: kube.Client, scheduler: Scheduler
+) -> list[tuple[Check, ProbeResult]]:
+    """Decide the mode once, discover once, and probe once that way."""
+    try:
+        selection = await modes.select(settings, client, default_query(settings))
+    except (modes.NoMode, DiscoveryError):
+        raise
+    except Exception as exc:
+        problem = kube.classify(exc, "create", "selfsubjectaccessreviews", "")
+        raise DiscoveryError(f"cannot decide the mode: {problem.message}") from exc
+    log.info("mode chosen", extra={"fields": {"mode": selection.mode.value,
+                                              "reason": selection.reason,
+                                              "skipped": selection.skipped}})
+    try:
+        targets, queries = await discover_once(
+            settings, client, lambda expect: default_query(settings, expect), selection.mode)
+    except DiscoveryError as exc:
+        raise DiscoveryError(f"cannot discover targets: {exc}") from exc
+    scheduler.set_targets(targets, queries)
+    if selection.mode is Mode.PROBE_POD:
+        pods = ProbePod(settings, client)
+        results = await pods.round(scheduler.checks)
+        return [(c, results[c]) for c in scheduler.checks if c in results]
+    forward = None
+    if selection.mode is Mode.PORT_FORWARD:
+        forward = PortForward(client)
+        scheduler.transport = forward.probe
+    try:
+        return await scheduler.run_once()
+    finally:
+        if forward is not None:
+            await forward.close()
 
 
 # --- serve ---

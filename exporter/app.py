@@ -18,7 +18,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Gauge, PlatformCollector, ProcessCollector
 from prometheus_client.exposition import generate_latest
 
-from . import __version__, kube
+from . import __version__, kube, modes
 from .collector import ProcessMetrics, ResultStore, register
 from .config import DEFAULT_QUERY_LABEL, ConfigError, Settings, parse_query
 from .discovery import Discovery
@@ -162,9 +162,14 @@ def create_app(settings: Settings, plan: Plan) -> web.Application:
 
 async def _probe_loop(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
-    tasks = [asyncio.create_task(state.scheduler.run(), name="probe-rounds")]
-    if state.discovery is not None:
-        tasks.append(asyncio.create_task(state.discovery.run(), name="discovery"))
+    if state.discovery is None or state.plan.client is None:
+        state.metrics.mode.labels(mode="static").set(1)
+        tasks = [asyncio.create_task(state.scheduler.run(), name="probe-rounds")]
+    else:
+        tasks = [asyncio.create_task(modes.run(
+            state.settings, state.plan.client, state.discovery, state.scheduler,
+            state.metrics, state.remediator, default_query(state.settings),
+        ), name="kubernetes")]
     yield
     for task in tasks:
         task.cancel()
@@ -370,18 +375,18 @@ async def status_page(request: web.Request) -> web.Response:
     latest = state.store.latest()
     protocols = state.settings.probe.protocols
     rows = []
-    for check in state.scheduler.checks:
-        if check.protocol is not protocols[0]:
-            continue
-        t = check.target
+    for t, query in dict.fromkeys((c.target, c.query) for c in state.scheduler.checks):
         cells = "".join(
-            _cell(latest.get(Check(t, p, check.query))) for p in protocols
+            _cell(latest.get(Check(t, p, query))) if t.only in (None, p) else "<td>-</td>"
+            for p in protocols
         )
         rows.append(
             f"<tr><td>{html.escape(t.kind.value)}</td><td>{html.escape(t.endpoint.address)}</td>"
             f"<td>{html.escape(t.namespace)}</td><td>{html.escape(t.pod or t.service)}</td>"
-            f"<td>{html.escape(t.node)}</td><td>{html.escape(check.query.label)}</td>{cells}</tr>"
+            f"<td>{html.escape(t.node)}</td><td>{html.escape(query.label)}</td>{cells}</tr>"
         )
+    mode = ("static" if state.discovery is None else
+            state.discovery.mode.value if state.ready else "being decided")
     head = "".join(f"<th>{p.value}</th>" for p in protocols)
     failing = sum(1 for _, r in state.scheduler.history if r.outcome is not Outcome.SUCCESS)
     page = f"""<!doctype html>
@@ -390,7 +395,8 @@ async def status_page(request: web.Request) -> web.Response:
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}
 .ok{{background:#dfd}}.bad{{background:#fdd}}</style></head><body>
 <h1>coredns-health-exporter {html.escape(__version__)}</h1>
-<p>Targets: {html.escape(state.plan.source)}. Ready: {"yes" if state.ready else "no"}.
+<p>Targets: {html.escape(state.plan.source)}. Mode: {html.escape(mode)}.
+Ready: {"yes" if state.ready else "no"}.
 Failing results among the last {len(state.scheduler.history)}: {failing}.</p>
 <p><a href="/metrics">Metrics</a> &middot; <a href="/-/ready">Readiness</a></p>
 <h2>Targets</h2>

@@ -83,6 +83,8 @@ class ProcessMetrics:
     remediations: Counter
     kube_errors: Counter
     discovery_synced: Gauge
+    mode: Gauge
+    probe_pod_runs: Counter
 
 
 def register(registry: CollectorRegistry) -> ProcessMetrics:
@@ -114,6 +116,19 @@ def register(registry: CollectorRegistry) -> ProcessMetrics:
             "dnsprobe_discovery_synced",
             "1 once Kubernetes discovery has listed the Service and its pods (always 1 for "
             "static targets).",
+            registry=registry,
+        ),
+        mode=Gauge(
+            "dnsprobe_mode_info",
+            "How CoreDNS is reached (in-cluster, nodeport, probe-pod, port-forward; static "
+            "for --server and the embedded default); always 1, once decided.",
+            ["mode"],
+            registry=registry,
+        ),
+        probe_pod_runs=Counter(
+            "dnsprobe_probe_pod_runs",
+            "Probe pods run in probe-pod mode, by result (success, failed).",
+            ["result"],
             registry=registry,
         ),
     )

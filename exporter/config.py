@@ -46,6 +46,22 @@ class Remediation(enum.StrEnum):
     EVICT = "evict"
 
 
+class Mode(enum.StrEnum):
+    """How the exporter reaches CoreDNS (docs/modes.md); `auto` picks the first that works
+    in the order listed."""
+
+    AUTO = "auto"
+    IN_CLUSTER = "in-cluster"
+    NODEPORT = "nodeport"
+    PROBE_POD = "probe-pod"
+    PORT_FORWARD = "port-forward"
+
+
+class NodeAddressType(enum.StrEnum):
+    INTERNAL_IP = "InternalIP"
+    EXTERNAL_IP = "ExternalIP"
+
+
 class LogFormat(enum.StrEnum):
     TEXT = "text"
     JSON = "json"
@@ -63,6 +79,18 @@ class DiscoverySettings:
     cluster_domain: str = "cluster.local"
     # Where the embedded default reads nameservers from when nothing else is configured.
     resolv_conf: str = "/etc/resolv.conf"
+    mode: Mode = Mode.AUTO
+    # Which node address NodePort targets use: outside the cluster network the nodes'
+    # InternalIP is what on-premises clusters route; clouds give ExternalIP.
+    node_address_type: NodeAddressType = NodeAddressType.INTERNAL_IP
+
+
+@dataclass(frozen=True)
+class ProbePodSettings:
+    # Where probe pods are created; `default` exists in every cluster. A namespace of its
+    # own, with a quota, is better (docs/modes.md).
+    namespace: str = "default"
+    image: str = f"ghcr.io/coredns-health-exporter/coredns-health-exporter:{__version__}"
 
 
 @dataclass(frozen=True)
@@ -106,6 +134,7 @@ class Settings:
     probe: ProbeSettings = field(default_factory=ProbeSettings)
     http: HttpSettings = field(default_factory=HttpSettings)
     remediation: RemediationSettings = field(default_factory=RemediationSettings)
+    probe_pod: ProbePodSettings = field(default_factory=ProbePodSettings)
     log_format: LogFormat = LogFormat.TEXT
     json_output: bool = False
     config_file: str | None = None
@@ -321,6 +350,16 @@ def _path(value: object) -> str:
     return _string(value)
 
 
+_IMAGE_RE = re.compile(r"^[a-z0-9][a-z0-9._/:@-]*$", re.IGNORECASE)
+
+
+def _image(value: object) -> str:
+    text = _string(value)
+    if not _IMAGE_RE.match(text) or len(text) > 512:
+        raise ValueError(f"expected a container image reference, got {value!r}")
+    return text
+
+
 # Every key the config file, the environment and the flags share: name -> parser.
 KEYS: dict[str, Callable[[object], Any]] = {
     "server": _servers,
@@ -342,6 +381,10 @@ KEYS: dict[str, Callable[[object], Any]] = {
     "cooldown": parse_duration,
     "allow-delete": _bool,
     "log-format": _choice(LogFormat),
+    "mode": _choice(Mode),
+    "node-address-type": _choice(NodeAddressType),
+    "probe-pod-namespace": _dns_label,
+    "probe-pod-image": _image,
 }
 # Keys that only make sense from the command line or a file, not the environment.
 _NO_ENV = {"query"}
@@ -398,6 +441,17 @@ def _common_parser() -> argparse.ArgumentParser:
     q.add_argument("--timeout", metavar="SECONDS", help="per-probe timeout (default 1)")
     q.add_argument("--concurrency", metavar="N", help="probes in flight at once (default 256)")
     q.add_argument("--log-format", metavar="text|json", help="log format (default text)")
+    m = p.add_argument_group("modes (docs/modes.md)")
+    m.add_argument("--mode", metavar="MODE",
+                   help="how CoreDNS is reached: auto, in-cluster, nodeport, probe-pod or "
+                        "port-forward (default auto: the first of those the credentials "
+                        "and the network allow)")
+    m.add_argument("--node-address-type", metavar="InternalIP|ExternalIP",
+                   help="node address probed in nodeport mode (default InternalIP)")
+    m.add_argument("--probe-pod-namespace", metavar="NS",
+                   help="namespace of probe pods in probe-pod mode (default default)")
+    m.add_argument("--probe-pod-image", metavar="IMAGE",
+                   help="image of probe pods (default this version's published image)")
     return p
 
 
@@ -550,6 +604,13 @@ def load(argv: Sequence[str], env: Mapping[str, str] | None = None) -> Settings:
             dns_port=parsed.get("dns-port", DiscoverySettings.dns_port),
             cluster_domain=parsed.get("cluster-domain", DiscoverySettings.cluster_domain),
             resolv_conf=parsed.get("resolv-conf", DiscoverySettings.resolv_conf),
+            mode=parsed.get("mode", DiscoverySettings.mode),
+            node_address_type=parsed.get("node-address-type",
+                                         DiscoverySettings.node_address_type),
+        ),
+        probe_pod=ProbePodSettings(
+            namespace=parsed.get("probe-pod-namespace", ProbePodSettings.namespace),
+            image=parsed.get("probe-pod-image", ProbePodSettings.image),
         ),
         probe=probe,
         http=HttpSettings(host=listen_host, port=listen_port),

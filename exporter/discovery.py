@@ -21,19 +21,27 @@ import contextlib
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from . import kube
 from .collector import ProcessMetrics
-from .config import DEFAULT_QUERY_LABEL, Settings
-from .probe import Query
+from .config import DEFAULT_QUERY_LABEL, Mode, Settings
+from .probe import Protocol, Query
 from .scheduler import Scheduler
-from .targets import PodInfo, ServiceInfo, Target, kubernetes_targets
+from .targets import (
+    Kind,
+    NodeInfo,
+    PodInfo,
+    ServiceInfo,
+    Target,
+    exposed_targets,
+    kubernetes_targets,
+)
 
 log = logging.getLogger(__name__)
 
-SERVICE, PODS, KUBERNETES = "service", "pods", "kubernetes"
+SERVICE, PODS, KUBERNETES, EXPOSED, NODES = "service", "pods", "kubernetes", "exposed", "nodes"
 
 
 @dataclass
@@ -63,9 +71,14 @@ class Discovery:
         self._default_query = default_query
         self._queue: asyncio.Queue[tuple[str, int, kube.WatchEvent]] = asyncio.Queue()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._sources = {name: _Source() for name in (SERVICE, PODS, KUBERNETES)}
+        self._sources = {name: _Source() for name in (SERVICE, PODS, KUBERNETES, EXPOSED,
+                                                      NODES)}
+        # How targets are reached (modes.py); set before run().
+        self.mode = Mode.IN_CLUSTER
         self.service: ServiceInfo | None = None
         self.pods: dict[str, PodInfo] = {}
+        self.exposed: dict[str, ServiceInfo] = {}  # nodeport mode: Services in the namespace
+        self.nodes: dict[str, NodeInfo] = {}
         self.kubernetes_ip: str | None = None
         self.synced = False
         # Per pod target, its Ready condition: the source of dnsprobe_target_info.
@@ -93,6 +106,9 @@ class Discovery:
         if self.needs_kubernetes_ip:
             self._start(KUBERNETES, "services", "default", kube.service_info,
                         field_selector="metadata.name=kubernetes")
+        if self.mode is Mode.NODEPORT:
+            self._start(EXPOSED, "services", d.namespace, kube.service_info)
+            self._start(NODES, "nodes", "", kube.node_info)
         try:
             while True:
                 batch = [await self._queue.get()]
@@ -167,6 +183,8 @@ class Discovery:
             return
         if name == PODS:
             self._handle_pods(event)
+        elif name in (EXPOSED, NODES):
+            self._handle_named(self.exposed if name == EXPOSED else self.nodes, event)
         else:
             self._handle_service(name, event)
         source.listed = True
@@ -180,6 +198,17 @@ class Discovery:
                 self.pods.pop(pod.name, None)
             else:
                 self.pods[pod.name] = pod
+
+    @staticmethod
+    def _handle_named(known: dict[str, Any], event: kube.WatchEvent) -> None:
+        if isinstance(event, kube.Listed):
+            known.clear()
+            known.update((item.name, item) for item in event.items)
+        elif isinstance(event, kube.Changed):
+            if event.type == "DELETED":
+                known.pop(event.item.name, None)
+            else:
+                known[event.item.name] = event.item
 
     def _handle_service(self, name: str, event: kube.WatchEvent) -> None:
         current: ServiceInfo | None
@@ -203,8 +232,9 @@ class Discovery:
         else:
             key = why = ""
         self._warned -= {"no-service", "no-selector"} - {key}  # warn again if it recurs
-        if key:  # no pods to watch
-            self._warn_once(key, why)
+        if key or self.mode is Mode.NODEPORT:  # no pods to watch
+            if key:
+                self._warn_once(key, why)
             self._stop(PODS)
             self.pods = {}
             return
@@ -228,6 +258,9 @@ class Discovery:
         service, pods, k8s = (self._sources[n] for n in (SERVICE, PODS, KUBERNETES))
         if not service.listed or (not pods.listed and self.service is not None):
             return False
+        if self.mode is Mode.NODEPORT and not all(
+                self._sources[n].listed for n in (EXPOSED, NODES)):
+            return False
         if self.needs_kubernetes_ip and not k8s.listed:
             # default/kubernetes unreadable (forbidden, say): go on without it, once.
             if k8s.problem is None or k8s.problem.reason not in ("forbidden", "not_found"):
@@ -244,9 +277,9 @@ class Discovery:
     def _publish(self) -> None:
         if not self._is_synced():
             return
-        targets, ready = kubernetes_targets(
-            self.service, list(self.pods.values()), self._settings.discovery.dns_port
-        )
+        targets, ready = mode_targets(
+            self.mode, self._settings, self.service, list(self.pods.values()),
+            list(self.exposed.values()), list(self.nodes.values()))
         queries = self._queries()
         self.pod_ready.clear()  # in place: the metrics collector holds this dict
         self.pod_ready.update(ready)
@@ -276,6 +309,25 @@ class Discovery:
                 "pods": len(ready), "targets": len(targets)}})
 
 
+def mode_targets(
+    mode: Mode, settings: Settings, service: ServiceInfo | None, pods: list[PodInfo],
+    exposed: list[ServiceInfo], nodes: list[NodeInfo],
+) -> tuple[list[Target], dict[Target, bool]]:
+    """The targets `mode` probes, and the Ready condition of each pod target.
+
+    in-cluster and probe-pod: the Service's IPs and every pod IP; port-forward: the pods
+    alone, over TCP alone; nodeport: node addresses x node ports, load-balancer IPs.
+    """
+    d = settings.discovery
+    if mode is Mode.NODEPORT:
+        return exposed_targets(service, exposed, nodes, d.node_address_type.value), {}
+    targets, ready = kubernetes_targets(service, pods, d.dns_port)
+    if mode is Mode.PORT_FORWARD:
+        targets = [replace(t, only=Protocol.TCP) for t in targets if t.kind is Kind.POD]
+        ready = {replace(t, only=Protocol.TCP): r for t, r in ready.items()}
+    return targets, ready
+
+
 def probe_queries(
     settings: Settings, default_query: Callable[[tuple[str, ...]], Query],
     kubernetes_ip: str | None, unreadable: bool,
@@ -296,9 +348,11 @@ class DiscoveryError(Exception):
 
 
 async def discover_once(
-    settings: Settings, client: kube.Client, default_query: Callable[[tuple[str, ...]], Query]
+    settings: Settings, client: kube.Client, default_query: Callable[[tuple[str, ...]], Query],
+    mode: Mode = Mode.IN_CLUSTER,
 ) -> tuple[list[Target], tuple[Query, ...]]:
-    """List the Service, its pods and default/kubernetes once (for `check`)."""
+    """List the Service, its pods (or, in nodeport mode, the Services and nodes) and
+    default/kubernetes once (for `check`)."""
     d = settings.discovery
 
     def work() -> tuple[list[Target], tuple[Query, ...]]:
@@ -310,11 +364,18 @@ async def discover_once(
                 raise DiscoveryError(f"Service {d.namespace}/{d.service} not found")
             service = kube.service_info(items[0])
             pods: list[PodInfo] = []
-            if service.selector:
+            exposed: list[ServiceInfo] = []
+            nodes: list[NodeInfo] = []
+            if mode is Mode.NODEPORT:
+                exposed, _ = client.list_objects("services", d.namespace,
+                                                 convert=kube.service_info)
+                step = ("list", "nodes", "")
+                nodes, _ = client.list_objects("nodes", "", convert=kube.node_info)
+            elif service.selector:
                 step = ("list", "pods", d.namespace)
-                pod_items, _ = client.list_objects(
-                    "pods", d.namespace, label_selector=kube.label_selector(service.selector))
-                pods = [kube.pod_info(p) for p in pod_items]
+                pods, _ = client.list_objects(
+                    "pods", d.namespace, label_selector=kube.label_selector(service.selector),
+                    convert=kube.pod_info)
             kubernetes_ip, unreadable = None, False
             if not settings.probe.queries:
                 step = ("list", "services", "default")
@@ -334,7 +395,7 @@ async def discover_once(
             raise
         except Exception as exc:
             raise DiscoveryError(kube.classify(exc, *step).message) from exc
-        targets, _ = kubernetes_targets(service, pods, d.dns_port)
+        targets, _ = mode_targets(mode, settings, service, pods, exposed, nodes)
         return targets, queries
 
     return await asyncio.to_thread(work)

@@ -17,7 +17,9 @@ import json
 import logging
 import os
 import random
+import ssl
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +28,8 @@ from typing import Any
 import kubernetes
 import urllib3
 
-from .targets import PodInfo, ServiceInfo
+from .probe import Protocol
+from .targets import NodeInfo, PodInfo, ServiceInfo
 
 log = logging.getLogger(__name__)
 
@@ -113,12 +116,42 @@ def service_info(obj: Mapping[str, Any]) -> ServiceInfo:
     if port is None and any(p.get("port") == 53 for p in ports):
         port = 53
     selector = {str(k): _str(v) for k, v in _dict(spec.get("selector")).items()}
+    ingress = [_str(_dict(i).get("ip"))
+               for i in _list(_dict(_dict(obj.get("status")).get("loadBalancer")).get("ingress"))]
     return ServiceInfo(
         namespace=_str(meta.get("namespace")),
         name=_str(meta.get("name")),
         cluster_ips=tuple(ips),
         port=port,
         selector=tuple(sorted(selector.items())),
+        type=_str(spec.get("type")) or "ClusterIP",
+        dns_ports=dns_ports(ports),
+        ingress=tuple(ip for ip in ingress if ip),
+    )
+
+
+def dns_ports(ports: list[Mapping[str, Any]]) -> tuple[tuple[Protocol, int, int], ...]:
+    """A Service's DNS ports as (protocol, port, nodePort or 0): UDP and TCP ports that are
+    named `dns`/`dns-tcp`, or whose port or targetPort is 53 or is named so."""
+    found: list[tuple[Protocol, int, int]] = []
+    for p in ports:
+        protocol, port, target = (p.get("protocol") or "TCP"), p.get("port"), p.get("targetPort")
+        if protocol not in ("UDP", "TCP") or not isinstance(port, int):
+            continue
+        named = {p.get("name"), target} & {"dns", "dns-tcp"}
+        if named or 53 in (port, target):
+            node_port = p.get("nodePort")
+            found.append((Protocol(protocol.lower()), port,
+                          node_port if isinstance(node_port, int) else 0))
+    return tuple(found)
+
+
+def node_info(obj: Mapping[str, Any]) -> NodeInfo:
+    """A Node (JSON) as a record: its name and status.addresses."""
+    addresses = [_dict(a) for a in _list(_dict(obj.get("status")).get("addresses"))]
+    return NodeInfo(
+        name=_str(_dict(obj.get("metadata")).get("name")),
+        addresses=tuple((_str(a.get("type")), _str(a.get("address"))) for a in addresses),
     )
 
 
@@ -142,7 +175,20 @@ def pod_info(obj: Mapping[str, Any]) -> PodInfo:
         labels=tuple(sorted((str(k), _str(v)) for k, v in _dict(meta.get("labels")).items())),
         deleting=bool(meta.get("deletionTimestamp")),
         created=_str(meta.get("creationTimestamp")),
+        state=_container_state(_list(status.get("containerStatuses"))),
     )
+
+
+def _container_state(statuses: list[Any]) -> str:
+    state = _dict(_dict(statuses[0]).get("state")) if statuses else {}
+    for kind, value in state.items():
+        detail = _dict(value)
+        if kind == "terminated":
+            return (f"terminated: exit code {detail.get('exitCode')} "
+                    f"({_str(detail.get('reason'))}) {_str(detail.get('message'))}").strip()
+        parts = [kind, _str(detail.get("reason")), _str(detail.get("message"))]
+        return ": ".join(p for p in parts if p)
+    return ""
 
 
 def label_selector(selector: tuple[tuple[str, str], ...]) -> str:
@@ -216,6 +262,7 @@ class Client:
         self.api = api
         self.source = source
         self._policy: str | None = None
+        self._stream_ssl: ssl.SSLContext | None = None
 
     @classmethod
     def connect(cls, source: str) -> Client:
@@ -256,8 +303,7 @@ class Client:
         query = _selectors(label_selector, field_selector) | {"limit": str(LIST_PAGE)}
         items: list[Any] = []
         while True:
-            body = self.request("GET", f"/api/v1/namespaces/{namespace}/{resource}",
-                                query=query)
+            body = self.request("GET", _collection(resource, namespace), query=query)
             items += [convert(_with_namespace(_dict(i), namespace))
                       for i in _list(body.pop("items", None))]
             metadata = _dict(body.get("metadata"))
@@ -279,7 +325,7 @@ class Client:
             "allowWatchBookmarks": "true", "timeoutSeconds": str(seconds),
         }
         response: urllib3.HTTPResponse = self._call(
-            "GET", f"/api/v1/namespaces/{namespace}/{resource}", query, None,
+            "GET", _collection(resource, namespace), query, None,
             (REQUEST_TIMEOUT[0], seconds + WATCH_GRACE),
         ).response
         if not 200 <= response.status <= 299:
@@ -295,20 +341,30 @@ class Client:
         body: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
         """One API request with JSON in and out; ApiException for any non-2xx answer."""
-        response = self._call(method, path, query or {}, body, REQUEST_TIMEOUT)
+        text = self._send(method, path, query or {}, body)
+        data = json.loads(text) if text else {}
+        return data if isinstance(data, dict) else {}
+
+    def read_text(self, path: str, query: Mapping[str, str] | None = None) -> str:
+        """GET a plain-text resource (a pod's log); ApiException for any non-2xx answer."""
+        return self._send("GET", path, query or {}, None, accept="*/*")
+
+    def _send(self, method: str, path: str, query: Mapping[str, str],
+              body: Mapping[str, Any] | None, accept: str = "application/json") -> str:
+        response = self._call(method, path, query, body, REQUEST_TIMEOUT, accept)
         response.read()
         text = (response.data or b"").decode("utf-8", errors="replace")
         if not 200 <= response.status <= 299:
             raise _api_error(response.status, response.reason, text)
-        data = json.loads(text) if text else {}
-        return data if isinstance(data, dict) else {}
+        return str(text)
 
     def _call(
         self, method: str, path: str, query: Mapping[str, str],
         body: Mapping[str, Any] | None, timeout: tuple[float, float],
+        accept: str = "application/json",
     ) -> Any:
         """Send one request; the client's response wrapper, its body not yet read."""
-        headers = {"Accept": "application/json"}
+        headers = {"Accept": accept}
         if body is not None:
             headers["Content-Type"] = "application/json"
         params = self.api.param_serialize(
@@ -316,6 +372,88 @@ class Client:
             header_params=headers, body=body, auth_settings=["BearerToken"],
         )
         return self.api.call_api(*params, _request_timeout=timeout)
+
+    def allowed(self, verb: str, resource: str, namespace: str = "", *, group: str = "",
+                subresource: str = "") -> tuple[bool, str]:
+        """Whether these credentials may do it, by SelfSubjectAccessReview (which every
+        authenticated user may create), and the authorizer's reason if it gave one."""
+        attributes = {"verb": verb, "resource": resource, "group": group}
+        if namespace:
+            attributes["namespace"] = namespace
+        if subresource:
+            attributes["subresource"] = subresource
+        answer = self.request(
+            "POST", "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews",
+            body={"apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectAccessReview",
+                  "spec": {"resourceAttributes": attributes}},
+        )
+        status = _dict(answer.get("status"))
+        return bool(status.get("allowed")), _str(status.get("reason"))
+
+    def create_pod(self, namespace: str, body: Mapping[str, Any]) -> PodInfo:
+        return pod_info(self.request("POST", f"/api/v1/namespaces/{namespace}/pods",
+                                     body=body))
+
+    def wait_pod(
+        self, namespace: str, name: str, done: Callable[[PodInfo], bool], seconds: float,
+        stop: threading.Event,
+    ) -> PodInfo | None:
+        """Follow one pod until `done(pod)`, its deletion (None), `seconds` or `stop`; the
+        pod as last seen. Watches run a few seconds each, so `stop` is noticed soon."""
+        deadline = time.monotonic() + seconds
+        selector = f"metadata.name={name}"
+        version, pod = "", None
+        while not stop.is_set() and time.monotonic() < deadline:
+            if not version:
+                items, version = self.list_objects("pods", namespace, field_selector=selector,
+                                                   convert=pod_info)
+                pod = items[0] if items else None
+                if pod is None or done(pod):
+                    return pod
+            left = max(1, min(5, int(deadline - time.monotonic())))
+            response = self.watch("pods", namespace, version, field_selector=selector,
+                                  seconds=left)
+            try:
+                for line in _lines(response):
+                    event = json.loads(line)
+                    kind, obj = _str(event.get("type")), _dict(event.get("object"))
+                    if kind == "ERROR":
+                        version = ""  # expired (410) or refused: list again
+                        break
+                    version = _str(_dict(obj.get("metadata")).get("resourceVersion")) or version
+                    if kind == "DELETED":
+                        return None
+                    if kind in ("ADDED", "MODIFIED"):
+                        pod = pod_info(obj)
+                        if done(pod):
+                            return pod
+            finally:
+                response.release_conn()
+        return pod
+
+    def pod_log(self, namespace: str, name: str, container: str) -> str:
+        return self.read_text(f"/api/v1/namespaces/{namespace}/pods/{name}/log",
+                              {"container": container})
+
+    def stream_endpoint(self, path: str) -> tuple[str, ssl.SSLContext | None, dict[str, str]]:
+        """What a WebSocket client needs to open `path` (a pod's portforward): the wss://
+        URL, the TLS context of these credentials, and the Authorization header."""
+        config = self.api.configuration
+        url = str(config.host).rstrip("/").replace("https://", "wss://", 1).replace(
+            "http://", "ws://", 1) + path
+        if url.startswith("wss://") and self._stream_ssl is None:
+            context = ssl.create_default_context(cafile=config.ssl_ca_cert or None)
+            if not config.verify_ssl:
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+            if config.cert_file:
+                context.load_cert_chain(config.cert_file, config.key_file)
+            self._stream_ssl = context  # made once: loading the CA costs milliseconds
+        headers: dict[str, str] = {}
+        auth = _dict(config.auth_settings().get("BearerToken"))  # refreshes an exec token
+        if auth.get("value"):
+            headers[_str(auth.get("key")) or "authorization"] = _str(auth["value"])
+        return url, self._stream_ssl, headers
 
     def get(self, path: str) -> dict[str, Any] | None:
         """GET one object; None when it does not exist (404), ApiException otherwise."""
@@ -381,6 +519,11 @@ class Client:
         if meta.get("resourceVersion"):
             return self.request("PUT", f"{base}/{meta['name']}", body=body)
         return self.request("POST", base, body=body)
+
+
+def _collection(resource: str, namespace: str) -> str:
+    """The core/v1 path of a resource: namespaced, or cluster-wide when namespace is ""."""
+    return f"/api/v1/namespaces/{namespace}/{resource}" if namespace else f"/api/v1/{resource}"
 
 
 def _with_namespace(obj: Mapping[str, Any], namespace: str) -> Mapping[str, Any]:

@@ -62,7 +62,7 @@ class Action(enum.StrEnum):
 # shows up in rate() and increase() (a counter born at 1 shows no increase).
 SKIP_RESULTS = ("disabled", "not_firing", "no_target", "not_coredns", "duplicate", "cooldown",
                 "not_found", "terminating", "no_service", "replaced", "rollout", "min_ready",
-                "healthy", "forbidden")
+                "healthy", "forbidden", "cannot_confirm")
 ACT_RESULTS = ("success", "blocked", "gone", "error")
 # A successful act: the reason of its Event, and the verb of its Event and log line.
 DONE = {
@@ -252,6 +252,9 @@ class Remediator:
         self._queries = queries
         self._lock = asyncio.Lock()
         self.identity = identity()
+        # Set when the mode cannot probe a pod over UDP from here (every mode but
+        # in-cluster): nothing is restarted without that confirmation.
+        self.cannot_confirm: str | None = None
         self.recent: deque[Decision] = deque(maxlen=RECENT)
         for result in SKIP_RESULTS:
             metrics.remediations.labels(action=Action.SKIP.value, result=result)
@@ -308,6 +311,8 @@ class Remediator:
         except Exception as exc:
             raise ApiUnavailable(self._problem(exc, "read", "pods")) from exc
         decision = judge(alert, facts, self._settings)
+        if decision is None and self.cannot_confirm is not None:
+            decision = skip("cannot_confirm", self.cannot_confirm)
         if decision is None:
             facts = replace(facts, probe=await self._confirm(facts.pod))
             decision = judge(alert, facts, self._settings)

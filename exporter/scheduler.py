@@ -15,7 +15,8 @@ import logging
 import random
 import zlib
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
 
 from .collector import ProcessMetrics, ResultStore
 from .config import ProbeSettings
@@ -28,6 +29,25 @@ log = logging.getLogger(__name__)
 _MIN_SLEEP = 0.001
 # Results kept for the status page and /probe-style history.
 HISTORY = 100
+
+
+# Probes a check some other way than over the network directly (the API server's
+# port-forward): the check and the timeout in, the result out.
+Transport = Callable[[Check, float], Coroutine[Any, Any, ProbeResult]]
+
+
+class _TaskHandle:
+    """A probe run as a task (a transport's), as a ProbeHandle."""
+
+    def __init__(self, task: asyncio.Task[ProbeResult]) -> None:
+        self._task = task
+
+    @property
+    def finished(self) -> bool:
+        return self._task.done()
+
+    def cancel(self) -> None:
+        self._task.cancel()
 
 
 class Scheduler:
@@ -46,6 +66,7 @@ class Scheduler:
         self._idle = asyncio.Event()  # set when no probe is in flight
         self._idle.set()
         self.targets: list[Target] = []
+        self.transport: Transport | None = None
         self.history: deque[tuple[Check, ProbeResult]] = deque(maxlen=HISTORY)
 
     @property
@@ -74,9 +95,11 @@ class Scheduler:
     async def _probe(self, check: Check) -> ProbeResult:
         endpoint = check.target.endpoint
         try:
-            result = await probe(
-                endpoint.host, endpoint.port, check.protocol, check.query, self._settings.timeout
-            )
+            if self.transport is not None:
+                result = await self.transport(check, self._settings.timeout)
+            else:
+                result = await probe(endpoint.host, endpoint.port, check.protocol, check.query,
+                                     self._settings.timeout)
         except Exception as exc:  # a bug in one probe must not stop the rounds
             result = self._internal_error(check, exc)
         self._record(check, result)
@@ -86,6 +109,16 @@ class Scheduler:
         log.error("probe of %s failed unexpectedly", check.target.endpoint.address,
                   exc_info=exc)
         return ProbeResult(Outcome.ERROR, f"internal error: {exc!r}")
+
+    def record(self, check: Check, result: ProbeResult) -> None:
+        """Record a result obtained elsewhere (a probe pod's)."""
+        self._record(check, result)
+
+    def forget(self) -> None:
+        """Drop every check's results (their series vanish until the next results): when
+        a round could not probe, no result is better than a stale one."""
+        self._store.retain([])
+        self._store.retain(self._ordered)
 
     def _record(self, check: Check, result: ProbeResult) -> None:
         previous = self._store.last(check)
@@ -162,14 +195,31 @@ class Scheduler:
                 log.exception("recording the probe of %s failed", endpoint.address)
 
         try:
-            handle = start_probe(endpoint.host, endpoint.port, check.protocol, check.query,
-                                 self._settings.timeout, done)
+            if self.transport is not None:
+                handle = self._start_task(check, done)
+            else:
+                handle = start_probe(endpoint.host, endpoint.port, check.protocol, check.query,
+                                     self._settings.timeout, done)
         except Exception as exc:  # a bug in one probe must not stop the rounds
             done(self._internal_error(check, exc))
             return
         if not handle.finished:  # else done() has run already
             self._inflight.add(handle)
             self._idle.clear()
+
+    def _start_task(self, check: Check, done: Callable[[ProbeResult], None]) -> _TaskHandle:
+        assert self.transport is not None
+        task = asyncio.create_task(self.transport(check, self._settings.timeout))
+
+        def finished(task: asyncio.Task[ProbeResult]) -> None:
+            if task.cancelled():
+                return
+            exc = task.exception()
+            done(self._internal_error(check, exc) if isinstance(exc, Exception)
+                 else task.result())
+
+        task.add_done_callback(finished)
+        return _TaskHandle(task)
 
     async def drain(self) -> None:
         """Let in-flight probes finish (each is bounded by the timeout), then stop."""

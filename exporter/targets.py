@@ -47,6 +47,10 @@ class Target:
     service: str = ""
     pod: str = ""
     node: str = ""
+    # Set when the target can be probed over this transport alone: a NodePort (UDP and
+    # TCP get a node port each), a pod reached through the API server's port-forward
+    # (TCP only). None: every protocol configured.
+    only: Protocol | None = None
 
     def label_values(self) -> tuple[str, ...]:
         """Values for `TARGET_LABELS` up to `address` (without protocol and query)."""
@@ -141,6 +145,22 @@ class ServiceInfo:
     cluster_ips: tuple[str, ...]
     port: int | None  # the DNS port; None when the Service lists none
     selector: tuple[tuple[str, str], ...]
+    type: str = "ClusterIP"
+    # The DNS ports (see kube.dns_ports) as (protocol, port, nodePort or 0).
+    dns_ports: tuple[tuple[Protocol, int, int], ...] = ()
+    # status.loadBalancer.ingress IPs of a LoadBalancer Service.
+    ingress: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class NodeInfo:
+    """What NodePort discovery needs of a node: its addresses by type."""
+
+    name: str
+    addresses: tuple[tuple[str, str], ...]  # (type, address): ("InternalIP", "10.0.0.5")
+
+    def address(self, kind: str) -> str | None:
+        return next((a for t, a in self.addresses if t == kind and _valid_ip(a)), None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +177,9 @@ class PodInfo:
     labels: tuple[tuple[str, str], ...] = ()
     deleting: bool = False
     created: str = ""  # metadata.creationTimestamp, RFC 3339
+    # The first container's state, for messages: "waiting: ErrImagePull: ...", "running",
+    # "terminated: exit code 1 (Error)"; empty when there is no status yet.
+    state: str = ""
 
     def matches(self, selector: tuple[tuple[str, str], ...]) -> bool:
         """True if every key=value of a (non-empty) Service selector is among the labels."""
@@ -205,7 +228,51 @@ def kubernetes_targets(
     return targets, ready
 
 
+def exposed_targets(
+    coredns: ServiceInfo | None, services: list[ServiceInfo], nodes: list[NodeInfo],
+    address_type: str,
+) -> list[Target]:
+    """Targets for the NodePort and LoadBalancer Services in front of the CoreDNS pods.
+
+    A Service counts when its selector picks the CoreDNS pods (every key=value of it is
+    in the CoreDNS Service's selector, which the pods carry) and it has DNS ports. A
+    NodePort Service gives one target per node address (of `address_type`) and node port,
+    probed over that port's protocol only; a LoadBalancer Service gives one per ingress IP
+    and port. Order: by Service name, then node, then protocol.
+    """
+    if coredns is None or not coredns.selector:
+        return []
+    wanted = set(coredns.selector)
+    targets: list[Target] = []
+    for svc in sorted(services, key=lambda s: s.name):
+        if not svc.selector or not set(svc.selector) <= wanted:
+            continue
+        if svc.type == "NodePort":
+            for node in sorted(nodes, key=lambda n: n.name):
+                address = node.address(address_type)
+                if address is None:
+                    continue
+                targets += [
+                    Target(Kind.NODEPORT, Endpoint(address, node_port), svc.namespace,
+                           svc.name, node=node.name, only=protocol)
+                    for protocol, _, node_port in svc.dns_ports if node_port
+                ]
+        elif svc.type == "LoadBalancer":
+            for ip in svc.ingress:
+                if not _valid_ip(ip):
+                    continue
+                ports: dict[int, list[Protocol]] = {}
+                for protocol, port, _ in svc.dns_ports:
+                    ports.setdefault(port, []).append(protocol)
+                for port, protocols in sorted(ports.items()):
+                    only = protocols[0] if len(protocols) == 1 else None
+                    targets.append(Target(Kind.LOADBALANCER, Endpoint(ip, port),
+                                          svc.namespace, svc.name, only=only))
+    return targets
+
+
 def expand_checks(
     targets: list[Target], protocols: tuple[Protocol, ...], queries: tuple[Query, ...]
 ) -> list[Check]:
-    return [Check(t, p, q) for t in targets for p in protocols for q in queries]
+    return [Check(t, p, q) for t in targets for p in protocols for q in queries
+            if t.only is None or t.only is p]

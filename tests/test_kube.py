@@ -15,6 +15,7 @@ import pytest
 import urllib3
 
 from exporter import kube
+from exporter.probe import Protocol
 from exporter.targets import Kind, PodInfo, ServiceInfo, kubernetes_targets
 from tests.harness.cluster import Cluster
 
@@ -52,8 +53,9 @@ def pod(name: str, ips: list[str], ready: bool = True, **extra: Any) -> dict[str
 
 def test_service_info_reads_dual_stack_ips_dns_port_and_selector() -> None:
     info = kube.service_info(KUBE_DNS)
-    assert info == ServiceInfo("kube-system", "kube-dns", ("10.96.0.10", "fd00::a"), 53,
-                               (("k8s-app", "kube-dns"),))
+    assert info == ServiceInfo(
+        "kube-system", "kube-dns", ("10.96.0.10", "fd00::a"), 53, (("k8s-app", "kube-dns"),),
+        dns_ports=((Protocol.TCP, 53, 0), (Protocol.UDP, 53, 0)))
 
 
 @pytest.mark.parametrize(
