@@ -96,9 +96,11 @@ def _missing(client: kube.Client, wanted: list[Need]) -> list[Need]:
 def _coredns_targets(settings: Settings, client: kube.Client, mode: Mode) -> list[Target]:
     """Targets of in-cluster or nodeport mode, listed once, to try reaching them."""
     d = settings.discovery
-    service = client.get_service(d.namespace, d.service)
-    if service is None:
+    found, _ = client.list_objects("services", d.namespace, convert=kube.service_info,
+                                   field_selector=f"metadata.name={d.service}")
+    if not found:
         return []
+    service = found[0]
     if mode is Mode.IN_CLUSTER:
         pods = client.list_pods(d.namespace, service.selector) if service.selector else []
         targets, _ = kubernetes_targets(service, pods, d.dns_port)

@@ -125,15 +125,19 @@ LabExporter = Callable[..., Exporter]
 
 @pytest.fixture
 def lab_exporter(lab: Lab) -> Iterator[LabExporter]:
-    """`start(token, *args)`: `serve` in the lab's node namespace, against the test cluster
-    with a kubeconfig for `token`, probing the lab's namespace; every one stopped after."""
+    """`start(token, *args, netns=)`: `serve` in the lab's node namespace (or `netns`),
+    against the test cluster with a kubeconfig for `token`, probing the lab's namespace;
+    every one stopped after."""
     started: list[Exporter] = []
 
-    def start(token: str, *args: str) -> Exporter:
+    def start(token: str, *args: str, netns: NetNS | None = None) -> Exporter:
         kubeconfig = lab.kubeconfig(token, f"exporter-{len(started)}")
+        # In the node namespace the exporter is in the cluster network; the mode tests
+        # name theirs (auto, from outside).
+        mode = [] if any(a.startswith("--mode") for a in args) else ["--mode", "in-cluster"]
         exporter = Exporter(
-            ["--kubeconfig", str(kubeconfig), "--namespace", lab.namespace, *args],
-            netns=lab.node,
+            ["--kubeconfig", str(kubeconfig), "--namespace", lab.namespace, *mode, *args],
+            netns=netns or lab.node,
         )
         started.append(exporter)
         return exporter

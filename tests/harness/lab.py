@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
+import subprocess
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -29,13 +32,20 @@ from exporter.kube import Client as ExporterClient
 
 from . import coredns
 from .cluster import Cluster
+from .components import stop_process
 from .netns import NetNS
 from .relay import Relay
 
 POD_PREFIX = "10.244.0."
 NODE_ADDRESS = POD_PREFIX + "1"
+# The node's address on the network outside the cluster (InternalIP of its Node object),
+# the outside namespace's own, and a load balancer's ingress IP that routes via the node.
+NODE_OUTSIDE = "192.168.77.1"
+OUTSIDE_ADDRESS = "192.168.77.2"
+LB_ADDRESS = "192.168.78.10"
 API_IN_NODE = "127.0.0.1:6443"
 SELECTOR = {"k8s-app": "kube-dns"}
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _CHAIN = "CHX-SERVICES"
 
 
@@ -71,6 +81,11 @@ class Lab:
         self._others: list[Pod] = []  # pods in other namespaces
         self._cleanup: list[tuple[str, str, str]] = []  # objects outside our namespaces
         self._raw: ExporterClient | None = None
+        self._kubelet: subprocess.Popen[str] | None = None
+        self.kubelet_port = 0
+        self._nodes: set[str] = set()
+        self.outside_ns: NetNS | None = None
+        self.exposed: list[tuple[str, int, str]] = []  # (address, port, proto) DNATed to pods
         self.node = NetNS("node")
         for args in (
             ["ip", "link", "add", "br0", "type", "bridge"],
@@ -79,6 +94,7 @@ class Lab:
             ["ip", "route", "add", "10.96.0.0/16", "dev", "br0"],
             ["iptables", "-t", "nat", "-N", _CHAIN],
             ["iptables", "-t", "nat", "-A", "OUTPUT", "-j", _CHAIN],
+            ["iptables", "-t", "nat", "-A", "PREROUTING", "-j", _CHAIN],
         ):
             self.node.exec(args)
         self.relay_in(API_IN_NODE, f"127.0.0.1:{self.cluster.api_port}")
@@ -136,16 +152,16 @@ class Lab:
         """Rewrite the DNAT rules: each Service IP to the Ready pods, as kube-proxy does."""
         self.node.exec(["iptables", "-t", "nat", "-F", _CHAIN])
         ready = [p.ip for p in self.pods.values() if self._ready.get(p.name, True)]
-        for cluster_ip in self.cluster_ips:
-            for proto in ("udp", "tcp"):
-                for i, ip in enumerate(ready):
-                    match = ["-d", cluster_ip, "-p", proto, "--dport", "53"]
-                    left = len(ready) - i
-                    if left > 1:
-                        match += ["-m", "statistic", "--mode", "random",
-                                  "--probability", f"{1 / left:.5f}"]
-                    self.node.exec(["iptables", "-t", "nat", "-A", _CHAIN, *match,
-                                    "-j", "DNAT", "--to-destination", f"{ip}:53"])
+        fronts = [(ip, 53, proto) for ip in self.cluster_ips for proto in ("udp", "tcp")]
+        for address, port, proto in fronts + self.exposed:
+            for i, ip in enumerate(ready):
+                match = ["-d", address, "-p", proto, "--dport", str(port)]
+                left = len(ready) - i
+                if left > 1:
+                    match += ["-m", "statistic", "--mode", "random",
+                              "--probability", f"{1 / left:.5f}"]
+                self.node.exec(["iptables", "-t", "nat", "-A", _CHAIN, *match,
+                                "-j", "DNAT", "--to-destination", f"{ip}:53"])
 
     # -- Kubernetes objects ---------------------------------------------------------------
 
@@ -162,6 +178,93 @@ class Lab:
         except kubernetes.client.ApiException as exc:
             if exc.status != 409:
                 raise
+        self._nodes.add(name)
+        self._point_node(name)
+
+    def _point_node(self, name: str) -> None:
+        """Write the node's status as its kubelet would: where the API server reaches the
+        kubelet (Hostname first in its preferred address types) and the node's address
+        outside the cluster network, once there is one."""
+        if not self.kubelet_port and self.outside_ns is None:
+            return
+        addresses = [{"type": "Hostname", "address": "127.0.0.1"}]
+        if self.outside_ns is not None:
+            addresses.append({"type": "InternalIP", "address": NODE_OUTSIDE})
+        self.core.patch_node_status(name, {"status": {
+            "addresses": addresses,
+            "daemonEndpoints": {"kubeletEndpoint": {"Port": self.kubelet_port or 10250}},
+        }})
+
+    # -- outside the cluster ------------------------------------------------------------
+
+    def start_kubelet(self, node: str = "node-a") -> None:
+        """The stand-in kubelet (harness/kubelet.py) in the node namespace, reachable by
+        the API server through a relay on the machine's loopback."""
+        kubeconfig = self.admin_kubeconfig()
+        pki = self.cluster.pki
+        command = self.node.command([
+            sys.executable, "-m", "tests.harness.kubelet", str(kubeconfig),
+            str(pki / "apiserver.crt"), str(pki / "apiserver.key"), node, NODE_ADDRESS])
+        self._kubelet = subprocess.Popen(command, stdout=subprocess.PIPE, text=True,
+                                         cwd=_REPO)
+        assert self._kubelet.stdout is not None
+        line = self._kubelet.stdout.readline()
+        if not line.startswith("listening "):
+            raise RuntimeError(f"the stand-in kubelet did not start: {line!r}")
+        relayed = self.node.expose(line.split()[1])
+        self.kubelet_port = int(relayed.rsplit(":", 1)[1])
+        self.ensure_node(node)
+        for name in self._nodes:
+            self._point_node(name)
+
+    def outside(self) -> NetNS:
+        """A namespace outside the cluster network: it reaches the node at NODE_OUTSIDE
+        (and LB_ADDRESS through it) and the API server at 127.0.0.1:6443, and no pod or
+        Service IP."""
+        if self.outside_ns is not None:
+            return self.outside_ns
+        ns = self.outside_ns = NetNS("outside")
+        self.node.exec(["ip", "link", "add", "vout", "type", "veth", "peer", "name", "eth0",
+                        "netns", ns.name])
+        self.node.exec(["ip", "addr", "add", f"{NODE_OUTSIDE}/24", "dev", "vout"])
+        self.node.exec(["ip", "link", "set", "vout", "up"])
+        self.node.exec(["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+        # kube-proxy masquerades node-port traffic from outside: pods answer the node.
+        self.node.exec(["iptables", "-t", "nat", "-A", "POSTROUTING", "-s",
+                        f"{OUTSIDE_ADDRESS}/32", "-o", "br0", "-j", "MASQUERADE"])
+        ns.exec(["ip", "addr", "add", f"{OUTSIDE_ADDRESS}/24", "dev", "eth0"])
+        ns.exec(["ip", "link", "set", "eth0", "up"])
+        ns.exec(["ip", "route", "add", f"{LB_ADDRESS}/32", "via", NODE_OUTSIDE])
+        self._relays.append(Relay.start(f"/run/netns/{ns.name}", API_IN_NODE, "-",
+                                        f"127.0.0.1:{self.cluster.api_port}"))
+        for name in self._nodes:
+            self._point_node(name)
+        return ns
+
+    def create_exposed_service(self, kind: str, name: str = "kube-dns-external",
+                               protocols: tuple[str, ...] = ("UDP", "TCP")) -> dict[str, Any]:
+        """A NodePort or LoadBalancer Service in front of the CoreDNS pods, routed as
+        kube-proxy does (node port on NODE_OUTSIDE; the LB's ingress IP LB_ADDRESS).
+        Kubernetes 1.20 refuses a LoadBalancer with both protocols: give it one."""
+        names = {"UDP": "dns", "TCP": "dns-tcp"}
+        body = {
+            "metadata": {"name": name},
+            "spec": {"type": kind, "selector": SELECTOR, "ports": [
+                {"name": names[p], "port": 53, "protocol": p, "targetPort": 53}
+                for p in protocols
+            ]},
+        }
+        svc = self.raw.request("POST", f"/api/v1/namespaces/{self.namespace}/services",
+                               body=body)
+        for port in svc["spec"]["ports"]:
+            self.exposed.append((NODE_OUTSIDE, port["nodePort"], port["protocol"].lower()))
+        if kind == "LoadBalancer":
+            svc["status"] = {"loadBalancer": {"ingress": [{"ip": LB_ADDRESS}]}}
+            svc = self.raw.request(
+                "PUT", f"/api/v1/namespaces/{self.namespace}/services/{name}/status", body=svc)
+            self.exposed += [(LB_ADDRESS, 53, p.lower()) for p in protocols]
+        self.route_service()
+        return svc
 
     def create_service(self, namespace: str | None = None, name: str | None = None,
                        selector: dict[str, str] | None = None) -> str:
@@ -248,11 +351,36 @@ class Lab:
             "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": ns}],
         }, _preload_content=False)
 
-    def service_account_token(self, name: str, rules: list[dict[str, Any]]) -> str:
-        """A ServiceAccount in the lab's namespace bound to a Role with `rules`; its token."""
+    def grant_cluster(self, account: str, rules: list[dict[str, Any]]) -> None:
+        """A ClusterRole with `rules` bound to ServiceAccount `account` of the lab's
+        namespace (both named after the lab, deleted with it)."""
+        name = f"{account}-{self.namespace}"
+        self.rbac.create_cluster_role({"metadata": {"name": name}, "rules": rules},
+                                      _preload_content=False)
+        self.rbac.create_cluster_role_binding({
+            "metadata": {"name": name},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                        "name": name},
+            "subjects": [{"kind": "ServiceAccount", "name": account,
+                          "namespace": self.namespace}],
+        }, _preload_content=False)
+        self._cleanup += [("ClusterRoleBinding", "", name), ("ClusterRole", "", name)]
+
+    def service_account_token(self, name: str, rules: list[dict[str, Any]],
+                              cluster_rules: list[dict[str, Any]] | None = None) -> str:
+        """A ServiceAccount in the lab's namespace bound to a Role with `rules` (and a
+        ClusterRole with `cluster_rules`); its token, once the authorizer knows it."""
         ns = self.namespace
         self.core.create_namespaced_service_account(ns, {"metadata": {"name": name}})
         self.grant(name, name, rules)
+        if cluster_rules:
+            self.grant_cluster(name, cluster_rules)
+        user = f"system:serviceaccount:{ns}:{name}"
+        for rule in [*rules, *(cluster_rules or [])]:
+            resource = rule["resources"][0]
+            self.await_allowed(user, rule["verbs"][0], resource.split("/")[0],
+                               subresource=resource.partition("/")[2],
+                               namespace="" if rule in (cluster_rules or []) else ns)
         request = self.core.create_namespaced_service_account_token(
             name, ns, {"spec": {"audiences": [], "expirationSeconds": 3600}}
         )
@@ -301,12 +429,14 @@ class Lab:
         self.raw.request("PUT", f"{base}/coredns/status", body=dep)
 
     def await_allowed(self, user: str, verb: str, resource: str, group: str = "",
-                      timeout: float = 10) -> None:
+                      timeout: float = 10, subresource: str = "",
+                      namespace: str | None = None) -> None:
         """Return once the API server's authorizer lets `user` do it (RBAC is cached)."""
+        attributes = {"namespace": self.namespace if namespace is None else namespace,
+                      "verb": verb, "resource": resource, "group": group,
+                      "subresource": subresource}
         review = {"apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview",
-                  "spec": {"user": user, "resourceAttributes": {
-                      "namespace": self.namespace, "verb": verb, "resource": resource,
-                      "group": group}}}
+                  "spec": {"user": user, "resourceAttributes": attributes}}
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             answer = self.raw.request(
@@ -352,11 +482,20 @@ class Lab:
         return token
 
     def close(self) -> None:
+        if self._kubelet is not None:
+            stop_process(self._kubelet)
+        if self.outside_ns is not None:
+            self.outside_ns.delete()
         for kind, ns, name in self._cleanup:
-            delete = {"Role": self.rbac.delete_namespaced_role,
-                      "RoleBinding": self.rbac.delete_namespaced_role_binding}[kind]
             with contextlib.suppress(kubernetes.client.ApiException):
-                delete(name, ns, _preload_content=False)
+                if kind == "ClusterRole":
+                    self.rbac.delete_cluster_role(name, _preload_content=False)
+                elif kind == "ClusterRoleBinding":
+                    self.rbac.delete_cluster_role_binding(name, _preload_content=False)
+                else:
+                    delete = {"Role": self.rbac.delete_namespaced_role,
+                              "RoleBinding": self.rbac.delete_namespaced_role_binding}[kind]
+                    delete(name, ns, _preload_content=False)
         for pod in [*self.pods.values(), *self._others]:
             pod.stop()
         for relay in self._relays:
