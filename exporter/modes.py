@@ -154,7 +154,15 @@ async def select(settings: Settings, client: kube.Client, query: Query) -> Selec
     in_pod = client.source == kube.IN_CLUSTER
     chosen = settings.discovery.mode
     if chosen is not Mode.AUTO:
-        missing = await asyncio.to_thread(_missing, client, needs(chosen, settings))
+        # Named: used whatever the API says; what it lacks is worth a warning, and an API
+        # that cannot be asked now is discovery's to report and retry.
+        try:
+            missing = await asyncio.to_thread(_missing, client, needs(chosen, settings))
+        except Exception as exc:
+            problem = kube.classify(exc, "create", "selfsubjectaccessreviews", "")
+            log.warning("cannot check this mode's permissions",
+                        extra={"fields": {"mode": chosen.value, "error": problem.message}})
+            missing = []
         if missing:
             log.warning("the credentials lack permissions this mode needs",
                         extra={"fields": {"mode": chosen.value,
@@ -200,6 +208,9 @@ async def choose(settings: Settings, client: kube.Client, query: Query,
                       extra={"fields": {"reasons": str(exc), "retry_seconds": delay}})
         except Exception as exc:  # the API: unreachable, timeout, 401
             problem = kube.classify(exc, "create", "selfsubjectaccessreviews", "")
+            if metrics is not None:
+                metrics.kube_errors.labels(resource="selfsubjectaccessreviews",
+                                           reason=problem.reason).inc()
             log.warning("cannot decide the mode: the Kubernetes API failed; trying again",
                         extra={"fields": {"reason": problem.reason, "error": problem.message,
                                           "retry_seconds": delay}})

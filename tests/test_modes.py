@@ -13,6 +13,7 @@ import asyncio
 import json
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 from exporter import kube
@@ -24,8 +25,9 @@ from tests.harness.lab import LB_ADDRESS, NODE_OUTSIDE, Lab
 from tests.harness.scrape import samples, scrape_until, wait_until
 
 FAST = ["--interval", "1", "--timeout", "0.5"]
-WATCH = ["list", "watch"]
-DISCOVERY = [{"apiGroups": [""], "resources": ["services", "pods"], "verbs": WATCH}]
+DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+# The credentials of each mode are the ones deploy/outside/ ships.
+OUTSIDE = DEPLOY / "outside"
 IMAGE = "coredns-health-exporter:test"
 
 
@@ -65,9 +67,7 @@ async def test_auto_picks_nodeport_when_only_services_and_nodes_may_be_read(
     lab.ensure_node("node-a")
     lab.create_exposed_service("NodePort", "kube-dns-nodeport")
     lab.create_exposed_service("LoadBalancer", "kube-dns-lb", ("UDP",))
-    token = lab.service_account_token(
-        "nodeport-only", [{"apiGroups": [""], "resources": ["services"], "verbs": WATCH}],
-        cluster_rules=[{"apiGroups": [""], "resources": ["nodes"], "verbs": WATCH}])
+    token = lab.apply_deploy_rbac(OUTSIDE / "nodeport.yaml")
 
     exporter = start_outside(lab, lab_exporter, token)
     decision = chosen(exporter)
@@ -97,22 +97,15 @@ async def test_auto_picks_nodeport_when_only_services_and_nodes_may_be_read(
     # A pod that stops answering UDP fails the node-port UDP probes that reach it.
     for pod in pods:
         pod.netns.drop("udp", 53)
-    body = await scrape_until(
-        exporter.url, lambda b: success(b, kind="nodeport", protocol="udp", node="node-a")
-        and all(v == 0 for v in success(b, kind="nodeport", protocol="udp",
-                                        node="node-a").values()))
+    def udp_failing(body: str) -> bool:
+        udp = success(body, kind="nodeport", protocol="udp", node="node-a")
+        return bool(udp) and all(v == 0 for v in udp.values())
+
+    body = await scrape_until(exporter.url, udp_failing)
     assert all(v == 0 for v in success(body, kind="nodeport", protocol="udp",
                                        node="node-a").values())
     assert all(v == 1 for v in success(body, kind="nodeport", protocol="tcp",
                                        node="node-a").values())
-
-
-PROBE_POD_RULES = [
-    *DISCOVERY,
-    {"apiGroups": [""], "resources": ["pods"],
-     "verbs": ["create", "get", "list", "watch", "delete"]},
-    {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
-]
 
 
 async def test_auto_picks_probe_pod_when_pods_may_be_created(
@@ -122,7 +115,7 @@ async def test_auto_picks_probe_pod_when_pods_may_be_created(
     healthy, udp_dead = lab.add_pod(), lab.add_pod()
     udp_dead.netns.drop("udp", 53)
     cluster_ip = lab.create_service()
-    token = lab.service_account_token("probe-pod-only", PROBE_POD_RULES)
+    token = lab.apply_deploy_rbac(OUTSIDE / "probe-pod.yaml")
 
     exporter = start_outside(lab, lab_exporter, token, "--probe-pod-namespace", lab.namespace,
                              "--probe-pod-image", IMAGE)
@@ -189,10 +182,7 @@ async def test_auto_picks_port_forward_when_only_pods_may_be_forwarded(
     healthy, tcp_dead = lab.add_pod(), lab.add_pod()
     tcp_dead.netns.drop("tcp", 53)
     lab.create_service()
-    token = lab.service_account_token("port-forward-only", [
-        *DISCOVERY,
-        {"apiGroups": [""], "resources": ["pods/portforward"], "verbs": ["get", "create"]},
-    ])
+    token = lab.apply_deploy_rbac(OUTSIDE / "port-forward.yaml")
 
     exporter = start_outside(lab, lab_exporter, token)
     decision = chosen(exporter)
@@ -222,7 +212,7 @@ async def test_auto_picks_in_cluster_where_pod_ips_answer(
 ) -> None:
     pod = lab.add_pod()
     lab.create_service()
-    token = lab.service_account_token("in-cluster-only", DISCOVERY)
+    token = lab.apply_deploy_rbac(DEPLOY / "base" / "rbac.yaml")
     exporter = lab_exporter(token, "--mode", "auto", *FAST)  # in the node namespace
     decision = chosen(exporter)
     assert decision["mode"] == "in-cluster", decision
@@ -257,7 +247,7 @@ def test_check_json_through_probe_pod_labels_results_as_direct(lab: Lab) -> None
     lab.start_kubelet()
     pod = lab.add_pod()
     lab.create_service()
-    token = lab.service_account_token("check-probe-pod", PROBE_POD_RULES)
+    token = lab.apply_deploy_rbac(OUTSIDE / "probe-pod.yaml")
     kubeconfig = lab.kubeconfig(token, "check")
     outside = lab.outside()
     result = subprocess.run(

@@ -430,11 +430,11 @@ class Lab:
 
     def await_allowed(self, user: str, verb: str, resource: str, group: str = "",
                       timeout: float = 10, subresource: str = "",
-                      namespace: str | None = None) -> None:
+                      namespace: str | None = None, name: str = "") -> None:
         """Return once the API server's authorizer lets `user` do it (RBAC is cached)."""
         attributes = {"namespace": self.namespace if namespace is None else namespace,
                       "verb": verb, "resource": resource, "group": group,
-                      "subresource": subresource}
+                      "subresource": subresource, "name": name}
         review = {"apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview",
                   "spec": {"user": user, "resourceAttributes": attributes}}
         deadline = time.monotonic() + timeout
@@ -448,33 +448,48 @@ class Lab:
 
     def apply_deploy_rbac(self, path: Path) -> str:
         """Apply deploy/'s RBAC with this lab's namespace standing for both kube-system and
-        the exporter's namespace; returns a token of its ServiceAccount."""
+        the exporter's namespace; returns a token of its ServiceAccount once the
+        authorizer grants what each Role says."""
         docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
         account = ""
+        waits: list[tuple[str, dict[str, Any]]] = []
         for doc in docs:
-            meta = doc["metadata"]
+            meta, kind = doc["metadata"], doc["kind"]
             if meta.get("namespace") in ("kube-system", "coredns-health-exporter"):
                 meta["namespace"] = self.namespace
-            else:  # default: shared by every test, so a name of this lab's own
+            else:  # default or cluster-wide: shared by every test, so a name of our own
                 meta["name"] = f"{meta['name']}-{self.namespace}"
-                if doc["kind"] == "RoleBinding":
+                if kind.endswith("RoleBinding"):
                     doc["roleRef"]["name"] = meta["name"]
-                self._cleanup.append((doc["kind"], meta["namespace"], meta["name"]))
+                self._cleanup.append((kind, meta.get("namespace", ""), meta["name"]))
             for subject in doc.get("subjects", []):
                 subject["namespace"] = self.namespace
-            ns = meta["namespace"]
-            if doc["kind"] == "ServiceAccount":
-                self.core.create_namespaced_service_account(ns, doc, _preload_content=False)
+            ns = meta.get("namespace", "")
+            if kind in ("Role", "ClusterRole"):
+                waits.append((ns, doc["rules"][0]))
+            create = {
+                "ServiceAccount": lambda d, n: self.core.create_namespaced_service_account(
+                    n, d, _preload_content=False),
+                "Role": lambda d, n: self.rbac.create_namespaced_role(
+                    n, d, _preload_content=False),
+                "RoleBinding": lambda d, n: self.rbac.create_namespaced_role_binding(
+                    n, d, _preload_content=False),
+                "ClusterRole": lambda d, n: self.rbac.create_cluster_role(
+                    d, _preload_content=False),
+                "ClusterRoleBinding": lambda d, n: self.rbac.create_cluster_role_binding(
+                    d, _preload_content=False),
+            }.get(kind)
+            if create is None:
+                raise ValueError(f"unexpected kind {kind} in {path}")
+            create(doc, ns)
+            if kind == "ServiceAccount":
                 account = meta["name"]
-            elif doc["kind"] == "Role":
-                self.rbac.create_namespaced_role(ns, doc, _preload_content=False)
-            elif doc["kind"] == "RoleBinding":
-                self.rbac.create_namespaced_role_binding(ns, doc, _preload_content=False)
-            else:
-                raise ValueError(f"unexpected kind {doc['kind']} in {path}")
         user = f"system:serviceaccount:{self.namespace}:{account}"
-        self.await_allowed(user, "get", "pods")
-        self.await_allowed(user, "create", "leases", group="coordination.k8s.io")
+        for ns, rule in waits:
+            resource, _, subresource = rule["resources"][0].partition("/")
+            self.await_allowed(user, rule["verbs"][0], resource, group=rule["apiGroups"][0],
+                               subresource=subresource, namespace=ns,
+                               name=(rule.get("resourceNames") or [""])[0])
         request = self.core.create_namespaced_service_account_token(
             account, self.namespace, {"spec": {"audiences": [], "expirationSeconds": 3600}}
         )
