@@ -20,7 +20,7 @@ import random
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -130,7 +130,7 @@ def service_info(obj: Mapping[str, Any]) -> ServiceInfo:
     )
 
 
-def dns_ports(ports: list[Mapping[str, Any]]) -> tuple[tuple[Protocol, int, int], ...]:
+def dns_ports(ports: Sequence[Mapping[str, Any]]) -> tuple[tuple[Protocol, int, int], ...]:
     """A Service's DNS ports as (protocol, port, nodePort or 0): UDP and TCP ports that are
     named `dns`/`dns-tcp`, or whose port or targetPort is 53 or is named so."""
     found: list[tuple[Protocol, int, int]] = []

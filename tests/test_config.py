@@ -154,6 +154,11 @@ def test_timeout_must_be_shorter_than_interval_for_serve() -> None:
         (["--server", "127.0.0.1:0"], "port must be a number from 1 to 65535"),
         (["--server", "[::1"], "missing ']'"),
         (["--log-format", "xml"], "expected one of text, json"),
+        (["--mode", "tunnel"], "expected one of auto, in-cluster, nodeport, probe-pod, "
+                               "port-forward"),
+        (["--node-address-type", "Hostname"], "expected one of InternalIP, ExternalIP"),
+        (["--probe-pod-namespace", "Not_A_Name"], "--probe-pod-namespace"),
+        (["--probe-pod-image", "bad image"], "expected a container image reference"),
     ],
 )
 def test_invalid_values(argv: list[str], expected: str) -> None:

@@ -179,8 +179,9 @@ async def test_auto_picks_port_forward_when_only_pods_may_be_forwarded(
     lab: Lab, lab_exporter: LabExporter
 ) -> None:
     lab.start_kubelet()
-    healthy, tcp_dead = lab.add_pod(), lab.add_pod()
+    healthy, tcp_dead, stopped = lab.add_pod(), lab.add_pod(), lab.add_pod()
     tcp_dead.netns.drop("tcp", 53)
+    stopped.server.stop()  # nothing listens: the kubelet's connect is refused
     lab.create_service()
     token = lab.apply_deploy_rbac(OUTSIDE / "port-forward.yaml")
 
@@ -193,6 +194,7 @@ async def test_auto_picks_port_forward_when_only_pods_may_be_forwarded(
     wanted = {
         ("pod", healthy.name, "node-a", f"{healthy.ip}:53", "tcp"): 1.0,
         ("pod", tcp_dead.name, "node-a", f"{tcp_dead.ip}:53", "tcp"): 0.0,
+        ("pod", stopped.name, "node-a", f"{stopped.ip}:53", "tcp"): 0.0,
     }
     body = await scrape_until(
         exporter.url, lambda b: all(success(b).get(k) == v for k, v in wanted.items()))
@@ -202,6 +204,9 @@ async def test_auto_picks_port_forward_when_only_pods_may_be_forwarded(
     dead = [s for s in samples(body) if s.name == "dnsprobe_probes_total"
             and s.labels["pod"] == tcp_dead.name and s.value > 0]
     assert {s.labels["result"] for s in dead} == {"timeout"}
+    refused = [s for s in samples(body) if s.name == "dnsprobe_probes_total"
+               and s.labels["pod"] == stopped.name and s.value > 0]
+    assert {s.labels["result"] for s in refused} == {"unreachable"}
     latency = [s for s in samples(body) if s.name == "dnsprobe_duration_seconds_count"
                and s.labels["pod"] == healthy.name]
     assert latency and latency[0].value >= 1

@@ -351,36 +351,11 @@ class Lab:
             "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": ns}],
         }, _preload_content=False)
 
-    def grant_cluster(self, account: str, rules: list[dict[str, Any]]) -> None:
-        """A ClusterRole with `rules` bound to ServiceAccount `account` of the lab's
-        namespace (both named after the lab, deleted with it)."""
-        name = f"{account}-{self.namespace}"
-        self.rbac.create_cluster_role({"metadata": {"name": name}, "rules": rules},
-                                      _preload_content=False)
-        self.rbac.create_cluster_role_binding({
-            "metadata": {"name": name},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
-                        "name": name},
-            "subjects": [{"kind": "ServiceAccount", "name": account,
-                          "namespace": self.namespace}],
-        }, _preload_content=False)
-        self._cleanup += [("ClusterRoleBinding", "", name), ("ClusterRole", "", name)]
-
-    def service_account_token(self, name: str, rules: list[dict[str, Any]],
-                              cluster_rules: list[dict[str, Any]] | None = None) -> str:
-        """A ServiceAccount in the lab's namespace bound to a Role with `rules` (and a
-        ClusterRole with `cluster_rules`); its token, once the authorizer knows it."""
+    def service_account_token(self, name: str, rules: list[dict[str, Any]]) -> str:
+        """A ServiceAccount in the lab's namespace bound to a Role with `rules`; its token."""
         ns = self.namespace
         self.core.create_namespaced_service_account(ns, {"metadata": {"name": name}})
         self.grant(name, name, rules)
-        if cluster_rules:
-            self.grant_cluster(name, cluster_rules)
-        user = f"system:serviceaccount:{ns}:{name}"
-        for rule in [*rules, *(cluster_rules or [])]:
-            resource = rule["resources"][0]
-            self.await_allowed(user, rule["verbs"][0], resource.split("/")[0],
-                               subresource=resource.partition("/")[2],
-                               namespace="" if rule in (cluster_rules or []) else ns)
         request = self.core.create_namespaced_service_account_token(
             name, ns, {"spec": {"audiences": [], "expirationSeconds": 3600}}
         )
