@@ -232,10 +232,11 @@ async def run(settings: Settings, client: kube.Client, discovery: Discovery,
     selection = await choose(settings, client, query, metrics)
     mode = selection.mode
     discovery.mode = mode
-    if remediator is not None and mode is not Mode.IN_CLUSTER:
-        remediator.cannot_confirm = (
+    if remediator is not None:
+        remediator.cannot_confirm = None if mode is Mode.IN_CLUSTER else (
             f"in {mode.value} mode the exporter cannot probe the pod over UDP from where it "
             "runs, so it cannot confirm the pod is sick; remediation needs in-cluster mode")
+        remediator.decided.set()
     pods: ProbePod | None = None
     forward: PortForward | None = None
     if mode is Mode.PROBE_POD:

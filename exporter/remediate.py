@@ -49,6 +49,9 @@ MAX_EPISODES = 500
 COMPONENT = "coredns-health-exporter"
 CLAIM_ATTEMPTS = 5
 RECENT = 50
+# Seconds a webhook request waits for the exporter to decide its mode (modes.py) before it
+# is answered 503, for Alertmanager to retry.
+MODE_WAIT = 10.0
 
 
 class Action(enum.StrEnum):
@@ -252,9 +255,11 @@ class Remediator:
         self._queries = queries
         self._lock = asyncio.Lock()
         self.identity = identity()
-        # Set when the mode cannot probe a pod over UDP from here (every mode but
-        # in-cluster): nothing is restarted without that confirmation.
-        self.cannot_confirm: str | None = None
+        # Why a pod cannot be probed over UDP from here, so nothing may be restarted (every
+        # mode but in-cluster); cleared once the in-cluster mode is chosen (modes.run).
+        self.cannot_confirm: str | None = ("the exporter has not yet decided how it reaches "
+                                           "CoreDNS (--mode)")
+        self.decided = asyncio.Event()  # set by modes.run with cannot_confirm
         self.recent: deque[Decision] = deque(maxlen=RECENT)
         for result in SKIP_RESULTS:
             metrics.remediations.labels(action=Action.SKIP.value, result=result)
@@ -271,6 +276,12 @@ class Remediator:
             log.warning("Alertmanager truncated the payload",
                         extra={"fields": {"truncated_alerts": payload.truncated_alerts,
                                           "group_key": payload.group_key}})
+        if not self.decided.is_set():
+            try:
+                await asyncio.wait_for(self.decided.wait(), MODE_WAIT)
+            except TimeoutError:
+                raise ApiUnavailable("the exporter has not yet decided how it reaches "
+                                     "CoreDNS (see its log: mode)") from None
         decisions = []
         async with self._lock:
             lease: LeaseState | None = None

@@ -126,6 +126,36 @@ def test_rbac_is_namespaced_and_least_privilege() -> None:
     assert default_rule["resourceNames"] == ["kubernetes"]
 
 
+OUTSIDE = sorted((DEPLOY / "outside").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", OUTSIDE, ids=lambda p: p.stem)
+def test_outside_credentials_are_least_privilege_for_their_mode(path: Path) -> None:
+    """deploy/outside/: one ServiceAccount, namespaced grants but for nodes (read-only),
+    no Secrets, pods created and deleted only in the exporter's own namespace; each file is
+    used by tests/test_modes.py against the real API server."""
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    for doc in docs:
+        model = getattr(kubernetes.client, f"V1{doc['kind']}").from_dict(doc)
+        lost = _keys(doc) - _keys(model.model_dump(by_alias=True, exclude_none=True))
+        assert not lost, f"{doc['kind']} {doc['metadata']['name']}: unknown fields {lost}"
+    [account] = by_kind(docs, "ServiceAccount")
+    for binding in by_kind(docs, "RoleBinding") + by_kind(docs, "ClusterRoleBinding"):
+        assert binding["subjects"] == [{"kind": "ServiceAccount",
+                                        "name": account["metadata"]["name"],
+                                        "namespace": "coredns-health-exporter"}]
+    granted = {(d["metadata"].get("namespace", "*"), res, verb)
+               for d in by_kind(docs, "Role") + by_kind(docs, "ClusterRole")
+               for r in d["rules"] for res in r["resources"] for verb in r["verbs"]}
+    assert not any("secrets" in res for _, res, _ in granted)
+    assert {g for g in granted if g[0] == "*"} <= {("*", "nodes", "list"),
+                                                   ("*", "nodes", "watch")}
+    writes = {(ns, res) for ns, res, verb in granted
+              if verb in ("create", "delete", "update", "patch") and res == "pods"}
+    assert writes <= {("coredns-health-exporter", "pods")}
+    assert ("kube-system", "services", "list") in granted
+
+
 def test_network_policy_admits_only_prometheus_and_alertmanager() -> None:
     [policy] = by_kind(kustomize("base"), "NetworkPolicy")
     assert policy["spec"]["policyTypes"] == ["Ingress"]

@@ -17,6 +17,7 @@ import kubernetes
 import pytest
 
 from tests.conftest import LabExporter
+from tests.harness.cluster import ADMIN_TOKEN
 from tests.harness.exporter import Exporter
 from tests.harness.lab import Lab, Pod
 from tests.harness.scrape import samples
@@ -401,3 +402,22 @@ async def test_allow_delete_forces_past_a_blocking_pdb(lab: Lab, start: Start) -
     assert evicted(lab, sick)
     assert [e["reason"] for e in events(lab, sick)].count("CoreDNSPodDeleted") == 1
     assert [r["pod"] for r in exporter.logged("deleted pod")] == [sick.name]
+
+
+async def test_outside_the_cluster_nothing_is_restarted_unconfirmed(
+    lab: Lab, lab_exporter: LabExporter, token_file: Path
+) -> None:
+    """From outside, a pod cannot be probed over UDP to confirm the alert: even with every
+    permission, the exporter skips (cannot_confirm)."""
+    lab.start_kubelet()
+    sick, _ = sick_and_healthy(lab)
+    exporter = lab_exporter(ADMIN_TOKEN, *FAST, "--remediation", "evict", "--mode",
+                            "port-forward", "--webhook-token-file", str(token_file),
+                            netns=lab.outside())
+    for _ in range(2):  # the first waits for the mode to be chosen
+        status, answer = await post(exporter, payload(alert(sick, lab.namespace)))
+        assert status == 200, answer
+        assert results(answer) == [(sick.name, "skip", "cannot_confirm")]
+        assert "port-forward mode" in answer["decisions"][0]["message"]
+    assert not evicted(lab, sick)
+    assert counter(await metrics(exporter), "skip", "cannot_confirm") == 2
