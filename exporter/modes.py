@@ -256,32 +256,44 @@ async def run(settings: Settings, client: kube.Client, discovery: Discovery,
             await forward.close()
 
 
+# Seconds between probe pod rounds at the least: each round is a pod created, scheduled,
+# run and deleted, which a 5 s --interval would turn into a pod every 5 s.
+PROBE_POD_MIN_INTERVAL = 15.0
+
+
 async def probe_pod_rounds(pods: ProbePod, scheduler: Scheduler, metrics: ProcessMetrics,
                            interval: float) -> None:
-    """A probe pod per round, one at a time, a round every `interval` at most."""
+    """A probe pod per round, one at a time, a round every `interval` (at least
+    PROBE_POD_MIN_INTERVAL) at most; the first as soon as discovery has found targets."""
     loop = asyncio.get_running_loop()
+    every = max(interval, PROBE_POD_MIN_INTERVAL)
+    if every > interval:
+        log.info("probe-pod mode: a round every %gs (--interval %gs is shorter than a pod's "
+                 "life is worth)", every, interval)
     failing = False
     while True:
         started = loop.time()
         checks = scheduler.checks
-        if checks:
-            metrics.rounds.inc()
-            try:
-                results = await pods.round(checks)
-            except ProbePodError as exc:
-                metrics.probe_pod_runs.labels(result="failed").inc()
-                scheduler.forget()
-                if not failing:
-                    log.warning("probe pod round failed; the checks have no results until "
-                                "a round succeeds", extra={"fields": {"error": str(exc)}})
-                failing = True
-            else:
-                metrics.probe_pod_runs.labels(result="success").inc()
-                if failing:
-                    log.info("probe pod rounds work again")
-                failing = False
-                for check in checks:
-                    result = results.get(check)
-                    if result is not None:
-                        scheduler.record(check, result)
-        await asyncio.sleep(max(0.0, started + interval - loop.time()))
+        if not checks:  # discovery has not found any target yet
+            await asyncio.sleep(min(1.0, every))
+            continue
+        metrics.rounds.inc()
+        try:
+            results = await pods.round(checks)
+        except ProbePodError as exc:
+            metrics.probe_pod_runs.labels(result="failed").inc()
+            scheduler.forget()
+            if not failing:
+                log.warning("probe pod round failed; the checks have no results until "
+                            "a round succeeds", extra={"fields": {"error": str(exc)}})
+            failing = True
+        else:
+            metrics.probe_pod_runs.labels(result="success").inc()
+            if failing:
+                log.info("probe pod rounds work again")
+            failing = False
+            for check in checks:
+                result = results.get(check)
+                if result is not None:
+                    scheduler.record(check, result)
+        await asyncio.sleep(max(0.0, started + every - loop.time()))

@@ -153,6 +153,34 @@ async def test_auto_picks_probe_pod_when_pods_may_be_created(
     assert await wait_until(no_probe_pods, 30)
 
 
+async def test_a_failed_probe_pod_round_is_counted_said_and_leaves_no_stale_series(
+    lab: Lab, lab_exporter: LabExporter
+) -> None:
+    lab.add_pod()
+    lab.create_service()  # no kubelet: the probe pod never runs
+    token = lab.apply_deploy_rbac(OUTSIDE / "probe-pod.yaml")
+    exporter = start_outside(lab, lab_exporter, token, "--mode", "probe-pod",
+                             "--probe-pod-namespace", lab.namespace)
+    selector = ",".join(f"{k}={v}" for k, v in LABELS.items())
+    names: list[str] = []
+
+    def probe_pod_exists() -> bool:
+        names[:] = [p.metadata.name for p in lab.core.list_namespaced_pod(
+            lab.namespace, label_selector=selector).items]
+        return bool(names)
+
+    assert await wait_until(probe_pod_exists, 30)
+    lab.core.delete_namespaced_pod(names[0], lab.namespace, grace_period_seconds=0)
+    [warning] = exporter.logged("probe pod round failed; the checks have no results until "
+                                "a round succeeds", timeout=30)
+    assert "was deleted before it ended" in warning["error"]
+    body = await scrape_until(exporter.url, lambda b: True)
+    failed = [s.value for s in samples(body) if s.name == "dnsprobe_probe_pod_runs_total"
+              and s.labels["result"] == "failed"]
+    assert failed == [1.0]
+    assert not success(body)  # nothing was probed: no series claims otherwise
+
+
 async def test_probe_pod_leftovers_of_this_instance_are_removed(lab: Lab) -> None:
     client = kube.Client.connect(str(lab.cluster.admin_kubeconfig))
     from exporter.config import load
