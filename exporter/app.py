@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 
 # Seconds a webhook client has to send its whole body (Alertmanager sends it at once).
 BODY_TIMEOUT = 10.0
+# Webhook requests handled at once (bodies read, or waiting for the remediator); beyond,
+# 503 with Retry-After: a flood neither fills memory with bodies nor queues without end.
+MAX_WEBHOOK_INFLIGHT = 8
 # Upper bound for /probe?timeout=: a scrape that waits longer is a misconfiguration.
 MAX_PROBE_TIMEOUT = 30.0
 
@@ -61,6 +64,8 @@ class AppState:
     remediator: Remediator | None = None
     token: TokenFile = field(default_factory=lambda: TokenFile(None))
     started_at: float = field(default_factory=time.time)
+    webhook_inflight: int = 0
+    webhook_busy_told: bool = False
 
     @property
     def ready(self) -> bool:
@@ -162,6 +167,8 @@ def create_app(settings: Settings, plan: Plan) -> web.Application:
 
 async def _probe_loop(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
+    loop = asyncio.get_running_loop()
+    state.metrics.tasks.set_function(lambda: len(asyncio.all_tasks(loop)))
     if state.discovery is None or state.plan.client is None:
         state.metrics.mode.labels(mode="static").set(1)
         tasks = [asyncio.create_task(state.scheduler.run(), name="probe-rounds")]
@@ -216,6 +223,24 @@ async def webhook_handler(request: web.Request) -> web.Response:
     too_large = web.Response(status=413, text=f"body larger than {MAX_BODY} bytes\n")
     if request.content_length is not None and request.content_length > MAX_BODY:
         return too_large
+    if state.webhook_inflight >= MAX_WEBHOOK_INFLIGHT:
+        if not state.webhook_busy_told:
+            state.webhook_busy_told = True
+            log.warning("webhook: too many requests at once; answering 503 until some end",
+                        extra={"fields": {"in_flight": state.webhook_inflight}})
+        return web.Response(status=503, text="busy: too many webhook requests at once\n",
+                            headers={"Retry-After": "10", "Connection": "close"})
+    state.webhook_inflight += 1
+    try:
+        return await _webhook(request, state)
+    finally:
+        state.webhook_inflight -= 1
+        if state.webhook_inflight == 0:
+            state.webhook_busy_told = False
+
+
+async def _webhook(request: web.Request, state: AppState) -> web.Response:
+    too_large = web.Response(status=413, text=f"body larger than {MAX_BODY} bytes\n")
     try:
         # A client that trickles its body must not hold a handler (and its memory) open.
         body = await asyncio.wait_for(request.read(), timeout=BODY_TIMEOUT)

@@ -85,6 +85,7 @@ class ProcessMetrics:
     discovery_synced: Gauge
     mode: Gauge
     probe_pod_runs: Counter
+    tasks: Gauge
 
 
 def register(registry: CollectorRegistry) -> ProcessMetrics:
@@ -129,6 +130,12 @@ def register(registry: CollectorRegistry) -> ProcessMetrics:
             "dnsprobe_probe_pod_runs",
             "Probe pods run in probe-pod mode, by result (success, failed).",
             ["result"],
+            registry=registry,
+        ),
+        tasks=Gauge(
+            "dnsprobe_event_loop_tasks",
+            "Tasks on the exporter's event loop, at the scrape: flat in a healthy process "
+            "(a growing count is a leak).",
             registry=registry,
         ),
     )

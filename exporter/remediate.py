@@ -52,6 +52,9 @@ RECENT = 50
 # Seconds a webhook request waits for the exporter to decide its mode (modes.py) before it
 # is answered 503, for Alertmanager to retry.
 MODE_WAIT = 10.0
+# Pods one payload may have judged (each costs API reads); the rest are skipped, and
+# Alertmanager repeats them. One restart per cooldown makes more pointless anyway.
+MAX_PODS_PER_PAYLOAD = 20
 
 
 class Action(enum.StrEnum):
@@ -65,7 +68,7 @@ class Action(enum.StrEnum):
 # shows up in rate() and increase() (a counter born at 1 shows no increase).
 SKIP_RESULTS = ("disabled", "not_firing", "no_target", "not_coredns", "duplicate", "cooldown",
                 "not_found", "terminating", "no_service", "replaced", "rollout", "min_ready",
-                "healthy", "forbidden", "cannot_confirm")
+                "healthy", "forbidden", "cannot_confirm", "same_pod", "too_many_pods")
 ACT_RESULTS = ("success", "blocked", "gone", "error")
 # A successful act: the reason of its Event, and the verb of its Event and log line.
 DONE = {
@@ -283,16 +286,39 @@ class Remediator:
                 raise ApiUnavailable("the exporter has not yet decided how it reaches "
                                      "CoreDNS (see its log: mode)") from None
         decisions = []
+        judged: dict[tuple[str, str], Decision] = {}
+        quiet: dict[str, int] = {}  # skips too many to log one by one, by result
         async with self._lock:
             lease: LeaseState | None = None
             for alert in payload.alerts:
-                if lease is None and alert.status == "firing":
-                    lease = lease_state(await self._read_lease())
-                decision, pod = await self._decide(alert, lease or LeaseState())
-                if decision.action is not Action.SKIP and pod is not None:
-                    decision = await self._act(alert, decision, pod)
-                    lease = None  # acted: read the shared state again for the next alert
-                decisions.append(self._record(alert, decision))
+                key = (alert.label("namespace"), alert.label("pod"))
+                costly = (alert.status == "firing" and key[1] != ""
+                          and key[0] == self._settings.discovery.namespace)
+                if costly and key in judged:
+                    decision = skip("same_pod", f"another alert of this payload for pod "
+                                                f"{key[1]} was decided: {judged[key].result}")
+                elif costly and len(judged) >= MAX_PODS_PER_PAYLOAD:
+                    decision = skip("too_many_pods", f"only {MAX_PODS_PER_PAYLOAD} pods of a "
+                                                     "payload are judged; Alertmanager "
+                                                     "repeats the others")
+                else:
+                    if lease is None and alert.status == "firing":
+                        lease = lease_state(await self._read_lease())
+                    decision, pod = await self._decide(alert, lease or LeaseState())
+                    if decision.action is not Action.SKIP and pod is not None:
+                        decision = await self._act(alert, decision, pod)
+                        lease = None  # acted: read the shared state again for the next
+                    if costly:
+                        judged[key] = decision
+                    decisions.append(self._record(alert, decision))
+                    continue
+                quiet[decision.result] = quiet.get(decision.result, 0) + 1
+                decisions.append(self._record(alert, decision, quiet=True))
+        if quiet:
+            log.info("remediation skipped", extra={"fields": {
+                "action": Action.SKIP.value, "alerts": len(payload.alerts), **quiet,
+                "reason": "further alerts of the payload for pods already judged, or beyond "
+                          f"the first {MAX_PODS_PER_PAYLOAD} pods"}})
         return decisions
 
     async def _read_lease(self) -> dict[str, Any] | None:
@@ -476,12 +502,15 @@ class Remediator:
             log.warning("could not write the Event", extra={"fields": {
                 "pod": pod.name, "error": self._problem(exc, "create", "events")}})
 
-    def _record(self, alert: Alert, decision: Decision) -> Decision:
+    def _record(self, alert: Alert, decision: Decision, quiet: bool = False) -> Decision:
+        """Count and keep the decision, and log it (a quiet one is summed up by the caller)."""
         decision = replace(decision, namespace=alert.label("namespace"),
                            pod=alert.label("pod"), alert=alert.name, at=time.time())
         self._metrics.remediations.labels(action=decision.action.value,
                                           result=decision.result).inc()
         self.recent.append(decision)
+        if quiet:
+            return decision
         if decision.action is Action.SKIP:
             level = logging.INFO
             msg = "remediation skipped"

@@ -39,6 +39,7 @@ class Behaviour(enum.StrEnum):
     SERVFAIL = "servfail"
     TRUNCATE = "truncate"
     SLOW = "slow"
+    REFUSED = "refused"
 
 
 def _zone(kubernetes_ip: str | None) -> str:
@@ -55,8 +56,9 @@ def _zone(kubernetes_ip: str | None) -> str:
 
 def _plugins(behaviour: Behaviour, zone_file: Path, delay: str) -> tuple[str, str]:
     """(zone, plugin block) for a behaviour."""
-    if behaviour is Behaviour.SERVFAIL:
-        return CLUSTER_DOMAIN, f"template IN ANY {CLUSTER_DOMAIN} {{\n    rcode SERVFAIL\n  }}"
+    if behaviour in (Behaviour.SERVFAIL, Behaviour.REFUSED):
+        rcode = behaviour.value.upper()
+        return CLUSTER_DOMAIN, f"template IN ANY {CLUSTER_DOMAIN} {{\n    rcode {rcode}\n  }}"
     if behaviour is Behaviour.TRUNCATE:
         return ".", "erratic {\n    truncate 1\n    drop 0\n  }"
     if behaviour is Behaviour.SLOW:
@@ -98,11 +100,18 @@ def start(
     delay: str = "1500ms",
     extra_hosts: Sequence[str] = (),
     startup_timeout: float = 20.0,
+    lameduck: str = "",
 ) -> CoreDNS:
-    """Start CoreDNS and return once it has printed its banner (it is then listening)."""
+    """Start CoreDNS and return once it has printed its banner (it is then listening).
+
+    `lameduck` (a duration) adds the health plugin, on port 8080 of `host`, with that
+    lameduck: on SIGTERM the server goes on answering for that long, then exits, as a
+    CoreDNS pod does when it is deleted."""
     host = host or ("127.0.0.1" if netns else next(_addresses))
     workdir.mkdir(parents=True, exist_ok=True)
     zone, plugins = _plugins(behaviour, workdir / f"db.{host}.{port}", delay)
+    if lameduck:
+        plugins += f"\n  health {host}:8080 {{\n    lameduck {lameduck}\n  }}"
     corefile = workdir / f"Corefile.{host}.{port}"
     corefile.write_text(
         f"{zone}:{port} {{\n  bind {' '.join([host, *extra_hosts])}\n  {plugins}\n}}\n",

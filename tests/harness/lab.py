@@ -132,8 +132,10 @@ class Lab:
         return self.kubeconfig(ADMIN_TOKEN, "admin")
 
     def start_pod_network(
-        self, behaviour: coredns.Behaviour = coredns.Behaviour.HEALTHY
+        self, behaviour: coredns.Behaviour = coredns.Behaviour.HEALTHY, **options: str
     ) -> tuple[NetNS, str, coredns.CoreDNS]:
+        """A pod namespace on the bridge and its CoreDNS; `options` go to coredns.start
+        (delay, lameduck)."""
         host = next(self._hosts)
         ip = f"{POD_PREFIX}{host}"
         ns = NetNS("pod")
@@ -144,7 +146,8 @@ class Lab:
         ns.exec(["ip", "addr", "add", f"{ip}/24", "dev", "eth0"])
         ns.exec(["ip", "link", "set", "eth0", "up"])
         server = coredns.start(
-            self.coredns_bin, self.workdir / "coredns", behaviour, netns=ns, host=ip, port=53
+            self.coredns_bin, self.workdir / "coredns", behaviour, netns=ns, host=ip, port=53,
+            **options,  # type: ignore[arg-type]
         )
         return ns, ip, server
 
@@ -294,9 +297,11 @@ class Lab:
         node: str = "node-a",
         namespace: str | None = None,
         labels: dict[str, str] | None = None,
+        **options: str,
     ) -> Pod:
-        """A CoreDNS pod: a namespace, a CoreDNS process and the Pod object, Running."""
-        ns, ip, server = self.start_pod_network(behaviour)
+        """A CoreDNS pod: a namespace, a CoreDNS process and the Pod object, Running;
+        `options` go to coredns.start (delay, lameduck)."""
+        ns, ip, server = self.start_pod_network(behaviour, **options)
         name = f"coredns-{ip.rsplit('.', 1)[1]}-{uuid.uuid4().hex[:5]}"
         pod = Pod(name, ip, ns, server, node)
         self.ensure_node(node)
