@@ -116,11 +116,13 @@ def plan_targets(settings: Settings) -> Plan:
         endpoints = read_resolv_conf(path)
     except OSError as exc:
         raise ConfigError(
-            [f"no --server and no Kubernetes config, and {path} cannot be read: {exc.strerror}"]
+            [f"no --server and no Kubernetes config, and the resolver file {path} "
+             f"(--resolv-conf) cannot be read: {exc.strerror}"]
         ) from exc
     if not endpoints:
         raise ConfigError(
-            [f"no --server, no Kubernetes config, and {path} lists no nameserver to probe"]
+            [f"no --server, no Kubernetes config, and the resolver file {path} "
+             "(--resolv-conf) lists no nameserver to probe"]
         )
     return Plan(
         static_targets(endpoints),

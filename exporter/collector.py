@@ -109,7 +109,7 @@ def register(registry: CollectorRegistry) -> ProcessMetrics:
         kube_errors=Counter(
             "dnsprobe_kubernetes_errors",
             "Failed Kubernetes API calls, by resource and reason (unreachable, timeout, "
-            "unauthorized, forbidden, not_found, error).",
+            "unauthorized, forbidden, not_found, throttled, error).",
             ["resource", "reason"],
             registry=registry,
         ),

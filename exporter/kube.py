@@ -202,7 +202,7 @@ def label_selector(selector: tuple[tuple[str, str], ...]) -> str:
 class ApiProblem:
     """Why an API call failed: a short `reason` (a metric label) and a sentence."""
 
-    reason: str  # unreachable, timeout, unauthorized, forbidden, not_found, error
+    reason: str  # unreachable, timeout, unauthorized, forbidden, not_found, throttled, error
     message: str
 
 
@@ -234,6 +234,9 @@ def classify(exc: BaseException, verb: str, resource: str, namespace: str) -> Ap
             )
         if exc.status == 404:
             return ApiProblem("not_found", f"{verb} {where}: not found (404): {detail}")
+        if exc.status == 429:
+            return ApiProblem("throttled", f"{verb} {where}: the API server is throttling "
+                                           f"(429, API Priority and Fairness): {detail}")
         if exc.status == 0 or exc.status is None:
             return ApiProblem("unreachable", f"{verb} {where}: {exc.reason}")
         return ApiProblem("error", f"{verb} {where}: HTTP {exc.status}: {detail}")
