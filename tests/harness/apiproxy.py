@@ -81,8 +81,7 @@ class ApiProxy:
         app.router.add_route("*", "/{path:.*}", self._forward)
         runner = self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_tls,
-                           shutdown_timeout=1.0)
+        site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_tls)
         await site.start()
         host, port = runner.addresses[0][:2]
         self.address = f"{host}:{port}"
