@@ -34,7 +34,16 @@ from tests.harness.coredns import Behaviour, CoreDNS
 from tests.harness.exporter import Exporter
 from tests.harness.lab import Lab, Pod
 from tests.harness.scrape import samples, scrape_until, wait_until
-from tests.test_remediation import RBAC, TOKEN, alert, evicted, payload, post, results
+from tests.test_remediation import (
+    RBAC,
+    TOKEN,
+    alert,
+    evicted,
+    payload,
+    post,
+    results,
+    sick_and_healthy,
+)
 
 TIMEOUT, INTERVAL = 0.3, 0.4
 FAST = ["--interval", str(INTERVAL), "--timeout", str(TIMEOUT)]
@@ -232,6 +241,11 @@ def api_proxy(kube_cluster: Cluster) -> Iterator[ApiProxy]:
     proxy.stop()
 
 
+def acting(token_file: Path) -> list[str]:
+    """Flags of an exporter that evicts on the webhook's say."""
+    return ["--remediation", "evict", "--webhook-token-file", str(token_file)]
+
+
 def through(lab: Lab, proxy: ApiProxy, token: str, name: str) -> list[str]:
     """Flags that point an exporter in the node namespace at the API through `proxy`."""
     port = 6450 + len(list(lab.workdir.glob("proxied-*.kubeconfig")))
@@ -278,12 +292,10 @@ async def test_a_slow_api_server_slows_neither_probing_nor_scrapes(
 async def test_a_throttling_api_server_is_counted_and_never_acted_through(
     lab: Lab, lab_exporter: LabExporter, api_proxy: ApiProxy, token_file: Path
 ) -> None:
-    sick, healthy = lab.add_pod(), lab.add_pod()
-    sick.netns.drop("udp", 53)
-    lab.create_service()
+    sick, healthy = sick_and_healthy(lab)
     token = lab.apply_deploy_rbac(RBAC)
     exporter = lab_exporter(token, *FAST, *through(lab, api_proxy, token, "429"),
-                            "--remediation", "evict", "--webhook-token-file", str(token_file))
+                            *acting(token_file))
     await scrape_until(exporter.url, lambda b: mostly(b, healthy.name, "udp", "success"))
     api_proxy.throttle = lambda method, path: True
     api_proxy.set_down(True)  # cut the open watches: they come back to a 429
@@ -310,12 +322,9 @@ async def test_a_throttling_api_server_is_counted_and_never_acted_through(
 async def test_sigkill_mid_eviction_then_restart_acts_once(
     lab: Lab, lab_exporter: LabExporter, api_proxy: ApiProxy, token_file: Path
 ) -> None:
-    sick, healthy = lab.add_pod(), lab.add_pod()
-    sick.netns.drop("udp", 53)
-    lab.create_service()
+    sick, healthy = sick_and_healthy(lab)
     token = lab.apply_deploy_rbac(RBAC)
-    flags = [*FAST, *through(lab, api_proxy, token, "kill"), "--remediation", "evict",
-             "--webhook-token-file", str(token_file)]
+    flags = [*FAST, *through(lab, api_proxy, token, "kill"), *acting(token_file)]
     first = lab_exporter(token, *flags)
     notification = payload(alert(sick, lab.namespace))
     api_proxy.hold = lambda method, path: method == "POST" and path.endswith("/eviction")
@@ -341,11 +350,9 @@ async def test_sigkill_mid_eviction_then_restart_acts_once(
 async def test_a_replica_partitioned_from_the_api_probes_on_and_never_acts(
     lab: Lab, lab_exporter: LabExporter, api_proxy: ApiProxy, token_file: Path
 ) -> None:
-    sick, healthy = lab.add_pod(), lab.add_pod()
-    sick.netns.drop("udp", 53)
-    lab.create_service()
+    sick, healthy = sick_and_healthy(lab)
     token = lab.apply_deploy_rbac(RBAC)
-    flags = [*FAST, "--remediation", "evict", "--webhook-token-file", str(token_file)]
+    flags = [*FAST, *acting(token_file)]
     connected = lab_exporter(token, *flags)
     cut_off = lab_exporter(token, *flags, *through(lab, api_proxy, token, "partitioned"))
     await scrape_until(cut_off.url, lambda b: mostly(b, healthy.name, "udp", "success"))
@@ -458,12 +465,10 @@ async def test_a_flood_is_bounded_and_slows_nothing_else(static_exporter: Export
 async def test_thousands_of_alerts_in_one_payload_cost_few_api_calls_and_act_once(
     lab: Lab, lab_exporter: LabExporter, api_proxy: ApiProxy, token_file: Path
 ) -> None:
-    sick, healthy = lab.add_pod(), lab.add_pod()
-    sick.netns.drop("udp", 53)
-    lab.create_service()
+    sick, healthy = sick_and_healthy(lab)
     token = lab.apply_deploy_rbac(RBAC)
     exporter = lab_exporter(token, *FAST, *through(lab, api_proxy, token, "many"),
-                            "--remediation", "evict", "--webhook-token-file", str(token_file))
+                            *acting(token_file))
     alerts = [alert(sick, lab.namespace) for _ in range(1200)]
     alerts += [alert(f"coredns-gone-{i}", lab.namespace) for i in range(600)]
     alerts += [alert(f"web-{i}", "default") for i in range(600)]

@@ -59,8 +59,12 @@ async def test_discovers_service_and_pods_and_probes_each(lab: Lab, start_export
     pods = [lab.add_pod(node=f"node-{i}") for i in range(3)]
     cluster_ip = lab.create_service()
     exporter = start_exporter()
-    body = await scrape_until(exporter.url, probed(*(p.name for p in pods)))
-    assert probed(*(p.name for p in pods))(body), body
+
+    def every_target_probed(body: str) -> bool:  # the Service's first results included
+        return probed(*(p.name for p in pods))(body) and len(series(body, kind="service")) == 2
+
+    body = await scrape_until(exporter.url, every_target_probed)
+    assert every_target_probed(body), body
     for pod in pods:
         for proto in ("udp", "tcp"):
             [sample] = series(body, pod=pod.name, protocol=proto)

@@ -68,6 +68,7 @@ class ApiProxy:
         asyncio.set_event_loop(self._loop)
         self._loop.run_until_complete(self._serve())
         self._loop.run_forever()
+        self._loop.close()
 
     async def _serve(self) -> None:
         pki: Path = self._cluster.pki
