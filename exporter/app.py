@@ -222,9 +222,8 @@ async def webhook_handler(request: web.Request) -> web.Response:
     if not authorized(request.headers.get("Authorization", ""), token):
         return web.Response(status=401, text="unauthorized: a valid bearer token is required\n",
                             headers={"WWW-Authenticate": 'Bearer realm="webhook"'})
-    too_large = web.Response(status=413, text=f"body larger than {MAX_BODY} bytes\n")
     if request.content_length is not None and request.content_length > MAX_BODY:
-        return too_large
+        return _too_large()
     if state.webhook_inflight >= MAX_WEBHOOK_INFLIGHT:
         if not state.webhook_busy_told:
             state.webhook_busy_told = True
@@ -241,13 +240,16 @@ async def webhook_handler(request: web.Request) -> web.Response:
             state.webhook_busy_told = False
 
 
+def _too_large() -> web.Response:
+    return web.Response(status=413, text=f"body larger than {MAX_BODY} bytes\n")
+
+
 async def _webhook(request: web.Request, state: AppState) -> web.Response:
-    too_large = web.Response(status=413, text=f"body larger than {MAX_BODY} bytes\n")
     try:
         # A client that trickles its body must not hold a handler (and its memory) open.
         body = await asyncio.wait_for(request.read(), timeout=BODY_TIMEOUT)
     except web.HTTPRequestEntityTooLarge:
-        return too_large
+        return _too_large()
     except TimeoutError:
         log.warning("webhook: body not received in time", extra={"fields": {
             "remote": request.remote, "timeout_seconds": BODY_TIMEOUT}})

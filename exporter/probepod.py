@@ -165,7 +165,6 @@ class ProbePod:
         self._namespace = settings.probe_pod.namespace
         self.instance = secrets.token_hex(6)
         self._stop = threading.Event()
-        self.runs = 0
 
     def stop(self) -> None:
         """Make a round in progress give up soon (its pod is still deleted)."""
@@ -180,7 +179,6 @@ class ProbePod:
         self._remove_leftovers()
         manifest = pod_manifest(self._settings, checks, self.instance)
         pod = self._api("create", "pods", lambda: self._client.create_pod(ns, manifest))
-        self.runs += 1
         try:
             seconds = POD_DEADLINE + WAIT_GRACE
             final = self._api("watch", "pods", lambda: self._client.wait_pod(
