@@ -105,6 +105,19 @@ def rules(c: Config = Config()) -> dict[str, Any]:
                humanizePercentage }}}} of its UDP probes over the last {c.window} while other
                pods of {{{{ $labels.service }}}} answer. Clients sent to it time out. This
                alert drives the exporter's remediation webhook (evict the pod)."""),
+        _alert(c, "CoreDNSPodTCPFailing",
+               f"""({RATIO}{{kind="pod", protocol="tcp"}} > {c.failing})
+               and on (namespace, service)
+               (count by (namespace, service) ({RATIO}{{kind="pod", protocol="tcp"}}
+               < {c.answering}) > 0)""",
+               c.for_pod, "warning",
+               "A CoreDNS pod fails TCP DNS while other pods answer.",
+               f"""CoreDNS pod {{{{ $labels.namespace }}}}/{{{{ $labels.pod }}}} ({{{{
+               $labels.address }}}}, node {{{{ $labels.node }}}}) failed {{{{ $value |
+               humanizePercentage }}}} of its TCP probes over the last {c.window} while other
+               pods of {{{{ $labels.service }}}} answer. Clients retrying a truncated answer
+               over TCP, and those that use TCP, fail when sent to it. Not remediated: the
+               webhook restarts pods whose UDP fails."""),
         _alert(c, "CoreDNSUDPFailingTCPWorks",
                f"""({RATIO}{{kind=~"pod|service", protocol="udp"}} > {c.failing})
                and on ({TARGET})
