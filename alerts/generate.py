@@ -76,6 +76,13 @@ def _squash(text: str) -> str:
     return " ".join(text.split())
 
 
+def _pod_failing(c: Config, protocol: str) -> str:
+    """One pod failing `protocol` while another pod of its Service answers over it."""
+    pods = f'{RATIO}{{kind="pod", protocol="{protocol}"}}'
+    return (f"({pods} > {c.failing}) and on (namespace, service) "
+            f"(count by (namespace, service) ({pods} < {c.answering}) > 0)")
+
+
 def rules(c: Config = Config()) -> dict[str, Any]:
     """The rule file as data."""
     s = c.selector
@@ -94,10 +101,7 @@ def rules(c: Config = Config()) -> dict[str, Any]:
     ]
     alerts = [
         _alert(c, "CoreDNSPodUDPFailing",
-               f"""({RATIO}{{kind="pod", protocol="udp"}} > {c.failing})
-               and on (namespace, service)
-               (count by (namespace, service) ({RATIO}{{kind="pod", protocol="udp"}}
-               < {c.answering}) > 0)""",
+               _pod_failing(c, "udp"),
                c.for_pod, "warning",
                "A CoreDNS pod fails UDP DNS while other pods answer.",
                f"""CoreDNS pod {{{{ $labels.namespace }}}}/{{{{ $labels.pod }}}} ({{{{
@@ -106,10 +110,7 @@ def rules(c: Config = Config()) -> dict[str, Any]:
                pods of {{{{ $labels.service }}}} answer. Clients sent to it time out. This
                alert drives the exporter's remediation webhook (evict the pod)."""),
         _alert(c, "CoreDNSPodTCPFailing",
-               f"""({RATIO}{{kind="pod", protocol="tcp"}} > {c.failing})
-               and on (namespace, service)
-               (count by (namespace, service) ({RATIO}{{kind="pod", protocol="tcp"}}
-               < {c.answering}) > 0)""",
+               _pod_failing(c, "tcp"),
                c.for_pod, "warning",
                "A CoreDNS pod fails TCP DNS while other pods answer.",
                f"""CoreDNS pod {{{{ $labels.namespace }}}}/{{{{ $labels.pod }}}} ({{{{

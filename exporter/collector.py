@@ -50,6 +50,11 @@ class ResultStore:
         for check in [c for c in self._states if c not in self._active]:
             del self._states[check]
 
+    def clear(self) -> None:
+        """Drop every check's state; the current set stays (its series come back with
+        the next results)."""
+        self._states.clear()
+
     def record(self, check: Check, result: ProbeResult) -> None:
         # A probe that finishes after its target was removed must not bring it back.
         if check not in self._active:

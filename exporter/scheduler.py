@@ -117,8 +117,7 @@ class Scheduler:
     def forget(self) -> None:
         """Drop every check's results (their series vanish until the next results): when
         a round could not probe, no result is better than a stale one."""
-        self._store.retain([])
-        self._store.retain(self._ordered)
+        self._store.clear()
 
     def _record(self, check: Check, result: ProbeResult) -> None:
         previous = self._store.last(check)
