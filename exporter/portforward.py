@@ -14,6 +14,7 @@ and the log says so when the mode is chosen. A UDP-only outage is invisible here
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import aiohttp
@@ -85,7 +86,10 @@ class PortForward:
 
     async def _open(self, namespace: str, pod: str, port: int) -> _Channel:
         where = f"pod {namespace}/{pod} port {port}"
-        url, context, headers = self._client.stream_endpoint(
+        # In a thread: refreshing the credentials may run an exec plugin (DESIGN.md: the
+        # sync client never runs on the event loop).
+        url, context, headers = await asyncio.to_thread(
+            self._client.stream_endpoint,
             f"/api/v1/namespaces/{namespace}/pods/{pod}/portforward?ports={port}")
         if self._session is None:
             self._session = aiohttp.ClientSession()
