@@ -156,6 +156,7 @@ class Cluster:
             "--leader-elect=false", "--port=0", "--secure-port=0",
             "--concurrent-endpoint-syncs=2",
         ], self.workdir / "kube-controller-manager.log")
+        self._await_controllers(timeout)
 
     def start_apiserver(self, timeout: float = 90) -> None:
         self.apiserver = Process("kube-apiserver", [
@@ -190,6 +191,43 @@ class Cluster:
     def _await(self, process: Process, url: str, timeout: float) -> None:
         process.await_ready(url, timeout, token=ADMIN_TOKEN,
                             context=ssl.create_default_context(cafile=str(self.ca_file)))
+
+    def _await_controllers(self, timeout: float) -> None:
+        """Return once the controllers run: the endpoints controller has made the Endpoints
+        of a canary Service (the controller manager has no health port here, and its
+        informers sync a while after it starts; a test must not race them)."""
+        assert self.controller_manager is not None
+        context = ssl.create_default_context(cafile=str(self.ca_file))
+        base = f"{self.server}/api/v1/namespaces/default"
+        headers = {"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/json"}
+
+        def call(method: str, path: str, body: object = None) -> bytes:
+            """The first line of the answer (a watch's first event, or a whole object)."""
+            data = json.dumps(body).encode() if body is not None else None
+            request = urllib.request.Request(f"{base}/{path}", data, headers, method=method)
+            with urllib.request.urlopen(request, timeout=15, context=context) as response:
+                line: bytes = response.readline()
+                return line
+
+        canary = "controller-canary"
+        call("POST", "services", {"metadata": {"name": canary}, "spec": {
+            "selector": {"canary": canary}, "ports": [{"port": 1}]}})
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline:
+                if not self.controller_manager.alive():
+                    raise RuntimeError(
+                        f"kube-controller-manager exited:\n{self.controller_manager.tail()}")
+                # A watch from no resourceVersion starts with the object if it exists; it
+                # ends after a few seconds so that a dead controller manager is noticed.
+                event = call("GET", f"endpoints?watch=true&timeoutSeconds=5"
+                             f"&fieldSelector=metadata.name%3D{canary}")
+                if event.strip():
+                    return
+            raise RuntimeError(f"the endpoints controller did not run within {timeout}s:\n"
+                               f"{self.controller_manager.tail()}")
+        finally:
+            call("DELETE", f"services/{canary}")
 
     # -- credentials -------------------------------------------------------------------
 
