@@ -235,29 +235,32 @@ def exposed_targets(
     """Targets for the NodePort and LoadBalancer Services in front of the CoreDNS pods.
 
     A Service counts when its selector picks the CoreDNS pods (every key=value of it is
-    in the CoreDNS Service's selector, which the pods carry) and it has DNS ports. A
-    NodePort Service gives one target per node address (of `address_type`) and node port,
-    probed over that port's protocol only; a LoadBalancer Service gives one per ingress IP
-    and port. Order: by Service name, then node, then protocol.
+    in the CoreDNS Service's selector, which the pods carry) and it has DNS ports. Its
+    node ports give one target per node address (of `address_type`) and node port,
+    probed over that port's protocol only; a LoadBalancer Service has node ports too
+    (the path most load balancers forward to; none when allocateLoadBalancerNodePorts is
+    false) and gives one target more per ingress IP and port. Order: by Service name,
+    then node, then protocol, then ingress IP.
     """
     if coredns is None or not coredns.selector:
         return []
     wanted = set(coredns.selector)
     targets: list[Target] = []
     for svc in sorted(services, key=lambda s: s.name):
+        if svc.type not in ("NodePort", "LoadBalancer"):
+            continue
         if not svc.selector or not set(svc.selector) <= wanted:
             continue
-        if svc.type == "NodePort":
-            for node in sorted(nodes, key=lambda n: n.name):
-                address = node.address(address_type)
-                if address is None:
-                    continue
-                targets += [
-                    Target(Kind.NODEPORT, Endpoint(address, node_port), svc.namespace,
-                           svc.name, node=node.name, only=protocol)
-                    for protocol, _, node_port in svc.dns_ports if node_port
-                ]
-        elif svc.type == "LoadBalancer":
+        for node in sorted(nodes, key=lambda n: n.name):
+            address = node.address(address_type)
+            if address is None:
+                continue
+            targets += [
+                Target(Kind.NODEPORT, Endpoint(address, node_port), svc.namespace,
+                       svc.name, node=node.name, only=protocol)
+                for protocol, _, node_port in svc.dns_ports if node_port
+            ]
+        if svc.type == "LoadBalancer":
             for ip in svc.ingress:
                 if not _valid_ip(ip):
                     continue

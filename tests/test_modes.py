@@ -83,7 +83,11 @@ async def test_auto_picks_nodeport_when_only_services_and_nodes_may_be_read(
     ports = {p["protocol"].lower(): p["nodePort"] for p in nodeport["spec"]["ports"]}
     wanted = [("nodeport", "kube-dns-nodeport", "node-a", f"{NODE_OUTSIDE}:{port}", proto)
               for proto, port in ports.items()]
+    lb = lab.raw.request("GET", f"/api/v1/namespaces/{lab.namespace}/services/kube-dns-lb")
+    [lb_node_port] = [p["nodePort"] for p in lb["spec"]["ports"]]
     wanted.append(("loadbalancer", "kube-dns-lb", "", f"{LB_ADDRESS}:53", "udp"))
+    # The LB's own node port, the path a cloud load balancer forwards to, is probed too.
+    wanted.append(("nodeport", "kube-dns-lb", "node-a", f"{NODE_OUTSIDE}:{lb_node_port}", "udp"))
     body = await scrape_until(exporter.url, complete)
     got = success(body)
     assert all(got.get(k) == 1 for k in wanted), got
@@ -92,6 +96,7 @@ async def test_auto_picks_nodeport_when_only_services_and_nodes_may_be_read(
         str(ports["tcp" if k[4] == "udp" else "udp"])) and ports["udp"] != ports["tcp"]]
     assert not success(body, kind="pod") and not success(body, kind="service")
     assert not success(body, kind="loadbalancer", protocol="tcp")  # a UDP-only LB
+    assert not success(body, kind="nodeport", service="kube-dns-lb", protocol="tcp")
     assert mode_of(body) == ["nodeport"]
 
     # A pod that stops answering UDP fails the node-port UDP probes that reach it.

@@ -72,13 +72,29 @@ def test_load_balancers_are_probed_on_their_ingress_ips() -> None:
     ]
 
 
+def test_load_balancers_node_ports_are_probed_too_unless_it_has_none() -> None:
+    with_node_ports = service("dns-lb", "LoadBalancer", [UDP], ingress=("203.0.113.7",))
+    pending = service("dns-lb2", "LoadBalancer", [TCP])  # no ingress IP yet
+    targets = exposed_targets(COREDNS, [with_node_ports, pending], NODES[:1], "InternalIP")
+    assert [(t.kind, t.service, t.endpoint.address, t.only) for t in targets] == [
+        (Kind.NODEPORT, "dns-lb", "192.0.2.1:30053", Protocol.UDP),
+        (Kind.LOADBALANCER, "dns-lb", "203.0.113.7:53", Protocol.UDP),
+        (Kind.NODEPORT, "dns-lb2", "192.0.2.1:30054", Protocol.TCP),
+    ]
+    # allocateLoadBalancerNodePorts: false (Kubernetes 1.24+): no node ports to probe.
+    no_node_ports = service("dns-lb", "LoadBalancer", [{**UDP, "nodePort": None}],
+                            ingress=("203.0.113.7",))
+    assert [t.kind for t in exposed_targets(COREDNS, [no_node_ports], NODES,
+                                            "InternalIP")] == [Kind.LOADBALANCER]
+
+
 @pytest.mark.parametrize("svc", [
     service("other-app", "NodePort", [UDP], selector=(("app", "web"),)),
     service("no-selector", "NodePort", [UDP], selector=()),
     service("not-dns", "NodePort", [{"name": "http", "protocol": "TCP", "port": 80,
                                      "targetPort": 8080, "nodePort": 30080}]),
     service("cluster-ip", "ClusterIP", [UDP]),
-    service("pending-lb", "LoadBalancer", [UDP]),
+    service("pending-lb", "LoadBalancer", [{**UDP, "nodePort": None}]),
 ])
 def test_services_not_in_front_of_coredns_dns_are_ignored(svc: ServiceInfo) -> None:
     assert exposed_targets(COREDNS, [svc], NODES, "InternalIP") == []
