@@ -19,6 +19,7 @@ lacks.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -29,6 +30,7 @@ from .discovery import Discovery
 from .portforward import PortForward
 from .probe import Protocol, Query, probe
 from .probepod import ProbePod, ProbePodError
+from .probepod import confirm as confirm_in_probe_pod
 from .remediate import Remediator
 from .scheduler import Scheduler
 from .targets import Target, exposed_targets, kubernetes_targets
@@ -232,10 +234,18 @@ async def run(settings: Settings, client: kube.Client, discovery: Discovery,
     selection = await choose(settings, client, query, metrics)
     mode = selection.mode
     discovery.mode = mode
+    confirmer: ProbePod | None = None
     if remediator is not None:
-        remediator.cannot_confirm = None if mode is Mode.IN_CLUSTER else (
+        remediator.cannot_confirm = None if mode in (Mode.IN_CLUSTER, Mode.PROBE_POD) else (
             f"in {mode.value} mode the exporter cannot probe the pod over UDP from where it "
-            "runs, so it cannot confirm the pod is sick; remediation needs in-cluster mode")
+            "runs, so it cannot confirm the pod is sick; remediation needs in-cluster or "
+            "probe-pod mode")
+        if mode is Mode.PROBE_POD:
+            # Pods of its own (an instance label of its own), so that neither this and
+            # the rounds' pods, nor their leftover clean-ups, meet.
+            confirmer = ProbePod(settings, client)
+            remediator.confirm_through = functools.partial(
+                confirm_in_probe_pod, confirmer, settings.discovery.dns_port)
         remediator.decided.set()
     pods: ProbePod | None = None
     forward: PortForward | None = None
@@ -250,8 +260,9 @@ async def run(settings: Settings, client: kube.Client, discovery: Discovery,
     try:
         await asyncio.gather(discovery.run(), rounds)
     finally:
-        if pods is not None:
-            pods.stop()
+        for probe_pods in (pods, confirmer):
+            if probe_pods is not None:
+                probe_pods.stop()
         if forward is not None:
             await forward.close()
 

@@ -29,8 +29,9 @@ from typing import Any
 
 from . import kube
 from .config import Settings, parse_query
-from .probe import Outcome, ProbeResult, Query
-from .targets import Check, PodInfo
+from .probe import Outcome, ProbeResult, Protocol, Query
+from .remediate import CannotConfirm
+from .targets import Check, Endpoint, Kind, PodInfo, Target
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +60,9 @@ def _pod_label(query: Query) -> str:
 def pod_manifest(settings: Settings, checks: Sequence[Check], instance: str) -> dict[str, Any]:
     """The probe pod for one round over `checks`."""
     p = settings.probe
+    protocols = {c.protocol for c in checks} or set(p.protocols)
     args = ["check", "--json", "--log-format", "json", "--timeout", f"{p.timeout:g}",
-            "--protocol", "both" if len(p.protocols) > 1 else p.protocols[0].value,
+            "--protocol", "both" if len(protocols) > 1 else protocols.pop().value,
             "--concurrency", str(p.concurrency)]
     for address in dict.fromkeys(c.target.endpoint.address for c in checks):
         args += ["--server", address]
@@ -227,3 +229,28 @@ class ProbePod:
                                        "phase": pod.phase}})
             with contextlib.suppress(Exception):
                 self._client.delete_pod(self._namespace, pod.name, pod.uid, dry_run=False)
+
+
+async def confirm(pods: ProbePod, dns_port: int, pod: PodInfo,
+                  queries: tuple[Query, ...]) -> ProbeResult:
+    """Remediation's confirming probe in probe-pod mode: the pod probed over UDP from a
+    probe pod, every query, up to two rounds (a second only when the first fails); any
+    pass is healthy, as a direct confirmation. CannotConfirm when no round gave a result
+    for every query: a round that failed says nothing about the CoreDNS pod."""
+    target = Target(Kind.POD, Endpoint(pod.ips[0], dns_port), pod.namespace, pod=pod.name,
+                    node=pod.node)
+    checks = [Check(target, Protocol.UDP, q) for q in queries]
+    failed: ProbeResult | None = None
+    for _ in range(2):
+        try:
+            results = await pods.round(checks)
+        except ProbePodError as exc:
+            raise CannotConfirm(f"the probe pod that was to confirm it failed: {exc}") from exc
+        if len(results) < len(checks):
+            raise CannotConfirm("the probe pod that was to confirm it gave no result for "
+                                f"{len(checks) - len(results)} of {len(checks)} queries")
+        failed = next((results[c] for c in checks if not results[c].ok), None)
+        if failed is None:
+            return results[checks[-1]]
+    assert failed is not None
+    return failed

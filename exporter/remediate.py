@@ -27,7 +27,7 @@ import os
 import socket
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -38,6 +38,15 @@ from .config import Remediation, Settings
 from .probe import Outcome, ProbeResult, Protocol, Query, probe
 from .targets import PodInfo, ServiceInfo
 from .webhook import Alert, Payload, parse_time
+
+
+class CannotConfirm(Exception):
+    """The pod could not be probed to confirm it is sick (the message says why): skip."""
+
+
+# Confirms through something other than a direct probe: (pod, queries) -> the result, as
+# _confirm's (any pass is healthy); CannotConfirm when the probing itself failed.
+ConfirmThrough = Callable[[PodInfo, tuple[Query, ...]], Awaitable[ProbeResult]]
 
 log = logging.getLogger(__name__)
 
@@ -263,6 +272,9 @@ class Remediator:
         self.cannot_confirm: str | None = ("the exporter has not yet decided how it reaches "
                                            "CoreDNS (--mode)")
         self.decided = asyncio.Event()  # set by modes.run with cannot_confirm
+        # How the pod is probed over UDP to confirm: directly (None), or, in probe-pod
+        # mode, from a probe pod (modes.run). CannotConfirm from it is a skip, never an act.
+        self.confirm_through: ConfirmThrough | None = None
         self.recent: deque[Decision] = deque(maxlen=RECENT)
         for result in SKIP_RESULTS:
             metrics.remediations.labels(action=Action.SKIP.value, result=result)
@@ -351,7 +363,10 @@ class Remediator:
         if decision is None and self.cannot_confirm is not None:
             decision = skip("cannot_confirm", self.cannot_confirm)
         if decision is None:
-            facts = replace(facts, probe=await self._confirm(facts.pod))
+            try:
+                facts = replace(facts, probe=await self._confirm(facts.pod))
+            except CannotConfirm as exc:
+                return skip("cannot_confirm", str(exc)), facts.pod
             decision = judge(alert, facts, self._settings)
         assert decision is not None
         return decision, facts.pod
@@ -373,6 +388,8 @@ class Remediator:
         if not pod.ips:
             return ProbeResult(outcome=Outcome.ERROR, reason="the pod has no IP")
         port, timeout = self._settings.discovery.dns_port, self._settings.probe.timeout
+        if self.confirm_through is not None:
+            return await self.confirm_through(pod, self._queries())
         result: ProbeResult | None = None
         for _ in range(2):
             for query in self._queries():

@@ -126,7 +126,9 @@ def test_rbac_is_namespaced_and_least_privilege() -> None:
     assert default_rule["resourceNames"] == ["kubernetes"]
 
 
-OUTSIDE = sorted((DEPLOY / "outside").glob("*.yaml"))
+# One file per mode; probe-pod-remediation.yaml adds to probe-pod.yaml (tested below).
+OUTSIDE = sorted(p for p in (DEPLOY / "outside").glob("*.yaml")
+                 if not p.stem.endswith("-remediation"))
 
 
 @pytest.mark.parametrize("path", OUTSIDE, ids=lambda p: p.stem)
@@ -154,6 +156,29 @@ def test_outside_credentials_are_least_privilege_for_their_mode(path: Path) -> N
               if verb in ("create", "delete", "update", "patch") and res == "pods"}
     assert writes <= {("coredns-health-exporter", "pods")}
     assert ("kube-system", "services", "list") in granted
+
+
+def test_outside_remediation_grants_what_the_in_cluster_remediation_has() -> None:
+    """The add-on for probe-pod mode: bound to probe-pod.yaml's ServiceAccount, it grants
+    in kube-system what the in-cluster exporter's remediation needs, and no more."""
+    docs = [d for d in yaml.safe_load_all(
+        (DEPLOY / "outside" / "probe-pod-remediation.yaml").read_text()) if d]
+    assert sorted(d["kind"] for d in docs) == ["Role", "RoleBinding"]
+    [account] = by_kind([d for d in yaml.safe_load_all(
+        (DEPLOY / "outside" / "probe-pod.yaml").read_text()) if d], "ServiceAccount")
+    [binding] = by_kind(docs, "RoleBinding")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account["metadata"]["name"],
+                                    "namespace": "coredns-health-exporter"}]
+    [role] = by_kind(docs, "Role")
+    assert role["metadata"]["namespace"] == "kube-system"
+    granted = {(res, verb) for r in role["rules"] for res in r["resources"] for verb in r["verbs"]}
+    [base] = [d for d in by_kind(kustomize("base"), "Role")
+              if d["metadata"]["namespace"] == "kube-system"]
+    in_cluster = {(res, verb) for r in base["rules"] for res in r["resources"]
+                  for verb in r["verbs"]}
+    assert ("pods/eviction", "create") in granted and ("pods", "delete") not in granted
+    assert granted <= in_cluster  # nothing the in-cluster exporter does not have
+    assert not {(res, verb) for res, verb in granted if verb == "watch"}  # reads, fresh
 
 
 def test_network_policy_admits_only_prometheus_and_alertmanager() -> None:

@@ -421,3 +421,55 @@ async def test_outside_the_cluster_nothing_is_restarted_unconfirmed(
         assert "port-forward mode" in answer["decisions"][0]["message"]
     assert not evicted(lab, sick)
     assert counter(await metrics(exporter), "skip", "cannot_confirm") == 2
+
+
+OUTSIDE = RBAC.parents[1] / "outside"
+PROBE_POD_RBAC = (OUTSIDE / "probe-pod.yaml", OUTSIDE / "probe-pod-remediation.yaml")
+
+
+def outside_probe_pod(lab: Lab, lab_exporter: LabExporter, token_file: Path,
+                      probe_pod_namespace: str) -> Exporter:
+    """`serve --mode probe-pod` outside the cluster network, remediation on, with the
+    credentials of deploy/outside/probe-pod.yaml and its remediation add-on."""
+    token = lab.apply_deploy_rbac(*PROBE_POD_RBAC)
+    return lab_exporter(token, *FAST, "--mode", "probe-pod", "--remediation", "evict",
+                        "--probe-pod-namespace", probe_pod_namespace,
+                        "--probe-pod-image", "coredns-health-exporter:test",
+                        "--webhook-token-file", str(token_file), netns=lab.outside())
+
+
+async def test_in_probe_pod_mode_a_probe_pod_confirms_before_anything_is_restarted(
+    lab: Lab, lab_exporter: LabExporter, token_file: Path
+) -> None:
+    """From outside, with pods allowed, the sick pod is probed over UDP from a probe pod
+    in the cluster: the healthy pod answers it (skipped), the UDP-dead one does not
+    (evicted). The exporter reaches no pod IP itself, so a direct probe would have failed
+    both."""
+    lab.start_kubelet()
+    sick, healthy = sick_and_healthy(lab)
+    exporter = outside_probe_pod(lab, lab_exporter, token_file, lab.namespace)
+    status, answer = await post(exporter, payload(alert(healthy, lab.namespace)))
+    assert status == 200, answer
+    assert results(answer) == [(healthy.name, "skip", "healthy")]
+    status, answer = await post(exporter, payload(alert(sick, lab.namespace)))
+    assert status == 200, answer
+    assert results(answer) == [(sick.name, "evict", "success")]
+    assert evicted(lab, sick) and not evicted(lab, healthy)
+    assert [e["reason"] for e in events(lab, sick)] == ["CoreDNSPodEvicted"]
+
+
+async def test_in_probe_pod_mode_a_confirming_pod_that_cannot_run_restarts_nothing(
+    lab: Lab, lab_exporter: LabExporter, token_file: Path
+) -> None:
+    """The confirming probe pod fails (here: no right to create pods in the namespace
+    given): that says nothing about the CoreDNS pod, so nothing is restarted."""
+    sick, _ = sick_and_healthy(lab)
+    exporter = outside_probe_pod(lab, lab_exporter, token_file, "default")
+    status, answer = await post(exporter, payload(alert(sick, lab.namespace)))
+    assert status == 200, answer
+    assert results(answer) == [(sick.name, "skip", "cannot_confirm")]
+    message = answer["decisions"][0]["message"]
+    assert "probe pod that was to confirm it failed" in message, message
+    assert "default" in message, message
+    assert not evicted(lab, sick)
+    assert counter(await metrics(exporter), "skip", "cannot_confirm") == 1

@@ -426,11 +426,11 @@ class Lab:
             time.sleep(0.1)  # polling the authorizer's cache: no event to wait on
         raise RuntimeError(f"{user} still may not {verb} {resource} after {timeout}s")
 
-    def apply_deploy_rbac(self, path: Path) -> str:
-        """Apply deploy/'s RBAC with this lab's namespace standing for both kube-system and
-        the exporter's namespace; returns a token of its ServiceAccount once the
-        authorizer grants what each Role says."""
-        docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    def apply_deploy_rbac(self, *paths: Path) -> str:
+        """Apply deploy/'s RBAC files (one ServiceAccount among them) with this lab's
+        namespace standing for both kube-system and the exporter's namespace; returns a
+        token of the ServiceAccount once the authorizer grants what each Role says."""
+        docs = [d for path in paths for d in yaml.safe_load_all(path.read_text()) if d]
         account = ""
         waits: list[tuple[str, dict[str, Any]]] = []
         for doc in docs:
@@ -460,7 +460,7 @@ class Lab:
                     d, _preload_content=False),
             }.get(kind)
             if create is None:
-                raise ValueError(f"unexpected kind {kind} in {path}")
+                raise ValueError(f"unexpected kind {kind} in {', '.join(map(str, paths))}")
             create(doc, ns)
             if kind == "ServiceAccount":
                 account = meta["name"]
