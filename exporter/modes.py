@@ -241,8 +241,8 @@ async def run(settings: Settings, client: kube.Client, discovery: Discovery,
             "runs, so it cannot confirm the pod is sick; remediation needs in-cluster or "
             "probe-pod mode")
         if mode is Mode.PROBE_POD:
-            # Pods of its own (an instance label of its own), so that neither this and
-            # the rounds' pods, nor their leftover clean-ups, meet.
+            # A ProbePod of its own (its own instance label): a confirmation's pod and a
+            # round's pod are never taken for each other's leftovers.
             confirmer = ProbePod(settings, client)
             remediator.confirm_through = functools.partial(
                 confirm_in_probe_pod, confirmer, settings.discovery.dns_port)

@@ -8,8 +8,9 @@ A decision is made in two pure steps, each tested on its own:
 - `judge(alert, facts, ...)`: from what the API and a probe say now: the pod exists and
   is not terminating, matches the CoreDNS Service's selector, is not newer than the alert
   (replaced), no Deployment mid-rollout, enough other Ready pods, and a UDP probe of the
-  pod fails now. It returns None when only the probe is missing, so that no DNS is sent to
-  a pod the other guards already rule out.
+  pod fails now (made directly, or from a probe pod in probe-pod mode). It returns None
+  when only the probe is missing, so that no DNS is sent to a pod the other guards
+  already rule out.
 
 Acting claims the episode and the cooldown in a coordination.k8s.io Lease first, with
 optimistic concurrency (resourceVersion), so that two replicas acting on the same alert
@@ -267,8 +268,9 @@ class Remediator:
         self._queries = queries
         self._lock = asyncio.Lock()
         self.identity = identity()
-        # Why a pod cannot be probed over UDP from here, so nothing may be restarted (every
-        # mode but in-cluster); cleared once the in-cluster mode is chosen (modes.run).
+        # Why a pod cannot be probed over UDP to confirm, so nothing may be restarted
+        # (nodeport, port-forward); cleared once in-cluster or probe-pod mode is chosen
+        # (modes.run).
         self.cannot_confirm: str | None = ("the exporter has not yet decided how it reaches "
                                            "CoreDNS (--mode)")
         self.decided = asyncio.Event()  # set by modes.run with cannot_confirm
@@ -387,9 +389,9 @@ class Remediator:
         assert pod is not None
         if not pod.ips:
             return ProbeResult(outcome=Outcome.ERROR, reason="the pod has no IP")
-        port, timeout = self._settings.discovery.dns_port, self._settings.probe.timeout
         if self.confirm_through is not None:
             return await self.confirm_through(pod, self._queries())
+        port, timeout = self._settings.discovery.dns_port, self._settings.probe.timeout
         result: ProbeResult | None = None
         for _ in range(2):
             for query in self._queries():
