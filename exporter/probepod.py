@@ -233,24 +233,18 @@ class ProbePod:
 
 async def confirm(pods: ProbePod, dns_port: int, pod: PodInfo,
                   queries: tuple[Query, ...]) -> ProbeResult:
-    """Remediation's confirming probe in probe-pod mode: the pod probed over UDP from a
-    probe pod, every query, up to two rounds (a second only when the first fails); any
-    pass is healthy, as a direct confirmation. CannotConfirm when no round gave a result
-    for every query: a round that failed says nothing about the CoreDNS pod."""
+    """One try of remediation's confirming probe in probe-pod mode (the remediator makes
+    up to two): the pod probed over UDP from a probe pod, every query; the first result
+    that fails, else the last one's pass. CannotConfirm when the round gave no result for
+    every query: a round that failed says nothing about the CoreDNS pod."""
     target = Target(Kind.POD, Endpoint(pod.ips[0], dns_port), pod.namespace, pod=pod.name,
                     node=pod.node)
     checks = [Check(target, Protocol.UDP, q) for q in queries]
-    failed: ProbeResult | None = None
-    for _ in range(2):
-        try:
-            results = await pods.round(checks)
-        except ProbePodError as exc:
-            raise CannotConfirm(f"the probe pod that was to confirm it failed: {exc}") from exc
-        if len(results) < len(checks):
-            raise CannotConfirm("the probe pod that was to confirm it gave no result for "
-                                f"{len(checks) - len(results)} of {len(checks)} queries")
-        failed = next((results[c] for c in checks if not results[c].ok), None)
-        if failed is None:
-            return results[checks[-1]]
-    assert failed is not None
-    return failed
+    try:
+        results = await pods.round(checks)
+    except ProbePodError as exc:
+        raise CannotConfirm(f"the probe pod that was to confirm it failed: {exc}") from exc
+    if len(results) < len(checks):
+        raise CannotConfirm("the probe pod that was to confirm it gave no result for "
+                            f"{len(checks) - len(results)} of {len(checks)} queries")
+    return next((results[c] for c in checks if not results[c].ok), results[checks[-1]])

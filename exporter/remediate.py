@@ -45,8 +45,8 @@ class CannotConfirm(Exception):
     """The pod could not be probed to confirm it is sick (the message says why): skip."""
 
 
-# Confirms through something other than a direct probe: (pod, queries) -> the result, as
-# _confirm's (any pass is healthy); CannotConfirm when the probing itself failed.
+# One confirming try made other than directly: (pod, queries) -> the first query's result
+# that fails, else the last one's pass; CannotConfirm when the probing itself failed.
 ConfirmThrough = Callable[[PodInfo, tuple[Query, ...]], Awaitable[ProbeResult]]
 
 log = logging.getLogger(__name__)
@@ -385,22 +385,28 @@ class Remediator:
         return Facts(pod, service, len(others), rollout)
 
     async def _confirm(self, pod: PodInfo | None) -> ProbeResult | None:
-        """Probe the pod over UDP now: every query, up to two tries; any pass is healthy."""
+        """Probe the pod over UDP now: every query, up to two tries; any pass is healthy.
+        A try is made directly, or through `confirm_through` (probe-pod mode)."""
         assert pod is not None
         if not pod.ips:
             return ProbeResult(outcome=Outcome.ERROR, reason="the pod has no IP")
-        if self.confirm_through is not None:
-            return await self.confirm_through(pod, self._queries())
-        port, timeout = self._settings.discovery.dns_port, self._settings.probe.timeout
+        try_once = self.confirm_through or self._probe_once
         result: ProbeResult | None = None
         for _ in range(2):
-            for query in self._queries():
-                result = await probe(pod.ips[0], port, Protocol.UDP, query, timeout)
-                if not result.ok:
-                    break
-            assert result is not None
+            result = await try_once(pod, self._queries())
             if result.ok:
                 return result
+        return result
+
+    async def _probe_once(self, pod: PodInfo, queries: tuple[Query, ...]) -> ProbeResult:
+        """One try from here: the first query that fails, else the last one's pass."""
+        port, timeout = self._settings.discovery.dns_port, self._settings.probe.timeout
+        result: ProbeResult | None = None
+        for query in queries:
+            result = await probe(pod.ips[0], port, Protocol.UDP, query, timeout)
+            if not result.ok:
+                break
+        assert result is not None
         return result
 
     async def _act(self, alert: Alert, decision: Decision, pod: PodInfo) -> Decision:
