@@ -46,7 +46,12 @@ def kustomize(path: str) -> list[dict[str, Any]]:
     done = subprocess.run([str(binary), "build", str(DEPLOY / path)], capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    return [d for d in yaml.safe_load_all(done.stdout) if d]
+    return documents(done.stdout)
+
+
+def documents(text: str) -> list[dict[str, Any]]:
+    """The non-empty documents of a multi-document YAML text."""
+    return [d for d in yaml.safe_load_all(text) if d]
 
 
 def by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
@@ -136,7 +141,7 @@ def test_outside_credentials_are_least_privilege_for_their_mode(path: Path) -> N
     """deploy/outside/: one ServiceAccount, namespaced grants but for nodes (read-only),
     no Secrets, pods created and deleted only in the exporter's own namespace; each file is
     used by tests/test_modes.py against the real API server."""
-    docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    docs = documents(path.read_text())
     for doc in docs:
         model = getattr(kubernetes.client, f"V1{doc['kind']}").from_dict(doc)
         lost = _keys(doc) - _keys(model.model_dump(by_alias=True, exclude_none=True))
@@ -161,11 +166,10 @@ def test_outside_credentials_are_least_privilege_for_their_mode(path: Path) -> N
 def test_outside_remediation_grants_what_the_in_cluster_remediation_has() -> None:
     """The add-on for probe-pod mode: bound to probe-pod.yaml's ServiceAccount, it grants
     in kube-system what the in-cluster exporter's remediation needs, and no more."""
-    docs = [d for d in yaml.safe_load_all(
-        (DEPLOY / "outside" / "probe-pod-remediation.yaml").read_text()) if d]
+    docs = documents((DEPLOY / "outside" / "probe-pod-remediation.yaml").read_text())
     assert sorted(d["kind"] for d in docs) == ["Role", "RoleBinding"]
-    [account] = by_kind([d for d in yaml.safe_load_all(
-        (DEPLOY / "outside" / "probe-pod.yaml").read_text()) if d], "ServiceAccount")
+    [account] = by_kind(documents((DEPLOY / "outside" / "probe-pod.yaml").read_text()),
+                        "ServiceAccount")
     [binding] = by_kind(docs, "RoleBinding")
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account["metadata"]["name"],
                                     "namespace": "coredns-health-exporter"}]

@@ -21,6 +21,7 @@ from exporter.probepod import LABELS, ProbePod
 from tests.conftest import LabExporter
 from tests.harness.cluster import KUBERNETES_CLUSTER_IP
 from tests.harness.exporter import Exporter
+from tests.harness.kubelet import TEST_IMAGE
 from tests.harness.lab import LB_ADDRESS, NODE_OUTSIDE, Lab
 from tests.harness.scrape import samples, scrape_until, wait_until
 
@@ -28,7 +29,6 @@ FAST = ["--interval", "1", "--timeout", "0.5"]
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 # The credentials of each mode are the ones deploy/outside/ ships.
 OUTSIDE = DEPLOY / "outside"
-IMAGE = "coredns-health-exporter:test"
 
 
 def success(body: str, **labels: str) -> dict[tuple[str, ...], float]:
@@ -123,7 +123,7 @@ async def test_auto_picks_probe_pod_when_pods_may_be_created(
     token = lab.apply_deploy_rbac(OUTSIDE / "probe-pod.yaml")
 
     exporter = start_outside(lab, lab_exporter, token, "--probe-pod-namespace", lab.namespace,
-                             "--probe-pod-image", IMAGE)
+                             "--probe-pod-image", TEST_IMAGE)
     decision = chosen(exporter)
     assert decision["mode"] == "probe-pod", decision
     assert "answered DNS from here" in decision["skipped"]["in-cluster"]
@@ -291,7 +291,7 @@ def test_check_json_through_probe_pod_labels_results_as_direct(lab: Lab) -> None
     result = subprocess.run(
         outside.command([sys.executable, "-m", "exporter", "check", "--json", "--kubeconfig",
                          str(kubeconfig), "--namespace", lab.namespace, "--mode", "probe-pod",
-                         "--probe-pod-namespace", lab.namespace, "--probe-pod-image", IMAGE,
+                         "--probe-pod-namespace", lab.namespace, "--probe-pod-image", TEST_IMAGE,
                          "--timeout", "0.5"]),
         capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr

@@ -19,6 +19,7 @@ import pytest
 from tests.conftest import LabExporter
 from tests.harness.cluster import ADMIN_TOKEN
 from tests.harness.exporter import Exporter
+from tests.harness.kubelet import TEST_IMAGE
 from tests.harness.lab import Lab, Pod
 from tests.harness.scrape import samples
 
@@ -434,7 +435,7 @@ def outside_probe_pod(lab: Lab, lab_exporter: LabExporter, token_file: Path,
     token = lab.apply_deploy_rbac(*PROBE_POD_RBAC)
     return lab_exporter(token, *FAST, "--mode", "probe-pod", "--remediation", "evict",
                         "--probe-pod-namespace", probe_pod_namespace,
-                        "--probe-pod-image", "coredns-health-exporter:test",
+                        "--probe-pod-image", TEST_IMAGE,
                         "--webhook-token-file", str(token_file), netns=lab.outside())
 
 

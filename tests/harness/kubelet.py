@@ -47,6 +47,8 @@ from aiohttp import WSMsgType, web
 from exporter import kube
 
 RUNNABLE_IMAGE = "coredns-health-exporter"
+# The image tests give probe pods (--probe-pod-image): one the stand-in kubelet runs.
+TEST_IMAGE = f"{RUNNABLE_IMAGE}:test"
 SUBPROTOCOLS = ("v4.channel.k8s.io",)
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
