@@ -7,7 +7,8 @@ errors) and hands what it sees to a callback as `Listed`, `Changed`, `Failed` an
 `Recovered` events. Objects are read as plain JSON and turned into the small frozen
 records of `targets.py` right here, so no other module sees the client's models.
 
-Only API versions served by Kubernetes 1.20 and by current releases are used (core/v1).
+Only stable API versions are used (core/v1, policy/v1, coordination.k8s.io/v1, apps/v1,
+authorization.k8s.io/v1), all served since Kubernetes 1.22; the supported range is 1.31-1.37.
 """
 
 from __future__ import annotations
@@ -264,7 +265,6 @@ class Client:
     def __init__(self, api: kubernetes.client.ApiClient, source: str) -> None:
         self.api = api
         self.source = source
-        self._policy: str | None = None
         self._stream_ssl: ssl.SSLContext | None = None
 
     @classmethod
@@ -486,12 +486,12 @@ class Client:
 
     def evict(self, namespace: str, name: str, uid: str, *, dry_run: bool) -> None:
         """POST an Eviction for the pod with this UID (a precondition: a replacement pod of
-        the same name is never hit). policy/v1 where served, else policy/v1beta1 (1.20)."""
+        the same name is never hit). policy/v1: served since Kubernetes 1.22."""
         options: dict[str, Any] = {"preconditions": {"uid": uid}}
         if dry_run:
             options["dryRun"] = ["All"]
         body = {
-            "apiVersion": self._policy_version(), "kind": "Eviction",
+            "apiVersion": "policy/v1", "kind": "Eviction",
             "metadata": {"name": name, "namespace": namespace},
             "deleteOptions": options,
         }
@@ -502,12 +502,6 @@ class Client:
         query = {"dryRun": "All"} if dry_run else None
         self.request("DELETE", f"/api/v1/namespaces/{namespace}/pods/{name}", body=body,
                      query=query)
-
-    def _policy_version(self) -> str:
-        if self._policy is None:
-            served = self.get("/apis/policy/v1") is not None
-            self._policy = "policy/v1" if served else "policy/v1beta1"
-        return self._policy
 
     def create_event(self, namespace: str, body: Mapping[str, Any]) -> None:
         self.request("POST", f"/api/v1/namespaces/{namespace}/events", body=body)

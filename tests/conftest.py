@@ -15,6 +15,8 @@ from tests.harness.components import can_use_netns, coredns_binary, missing
 from tests.harness.exporter import Exporter
 from tests.harness.lab import Lab
 from tests.harness.netns import NetNS
+from tests.harness.realcluster import RealCluster
+from tests.harness.realcluster import missing as real_cluster_missing
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -104,6 +106,24 @@ def kube_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def real_cluster(tmp_path_factory: pytest.TempPathFactory, coredns_bin: Path
+                 ) -> Iterator[RealCluster]:
+    """Kubernetes v1.37.2 with a real node (containerd, runc, CNI, kubelet, kube-proxy)
+    and CoreDNS running as kube-system/kube-dns, for the whole session. A cluster of its
+    own: the lab's stand-in kubelet shares `kube_cluster`, where a real scheduler and node
+    would race it for the lab's pods."""
+    reason = real_cluster_missing()
+    if reason:
+        missing("the real test cluster", reason)
+    made = RealCluster(tmp_path_factory.mktemp("real-cluster"), coredns_bin)
+    try:
+        made.start()
+        yield made
+    finally:
+        made.stop()
 
 
 @pytest.fixture

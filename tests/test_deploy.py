@@ -1,4 +1,4 @@
-"""deploy/: every manifest renders with kustomize, parses into the kubernetes client's
+"""deploy/: every manifest renders with kubectl kustomize, parses into the kubernetes client's
 models without losing a field, is hardened as promised, and is applied to the real test
 cluster; the plain Prometheus scrape config, run by a real Prometheus against the test
 cluster's service discovery, keeps the exporter's `pod` label."""
@@ -22,8 +22,8 @@ from alerts.generate import render_prometheus_rule
 from exporter.kube import ApiException
 from exporter.kube import Client as RawClient
 from tests.conftest import LabExporter
-from tests.harness.cluster import ADMIN_TOKEN, Cluster
-from tests.harness.components import CACHE, missing
+from tests.harness.cluster import ADMIN_TOKEN, KUBE_BIN, Cluster
+from tests.harness.components import missing
 from tests.harness.lab import NODE_ADDRESS, Lab
 from tests.harness.monitoring import Monitoring, binaries_missing
 from tests.harness.scrape import wait_until
@@ -40,10 +40,12 @@ CORE_KINDS = {
 
 
 def kustomize(path: str) -> list[dict[str, Any]]:
-    binary = CACHE / "bin" / "kustomize"
+    """deploy/PATH rendered as `kubectl apply -k` renders it: by the pinned kubectl's own
+    kustomize."""
+    binary = KUBE_BIN / "kubectl"
     if not binary.is_file():
-        missing("kustomize", "run scripts/install-test-tools (go install, cached)")
-    done = subprocess.run([str(binary), "build", str(DEPLOY / path)], capture_output=True,
+        missing("kubectl", "run scripts/install-kube-test-cluster (built with Kubernetes)")
+    done = subprocess.run([str(binary), "kustomize", str(DEPLOY / path)], capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     return documents(done.stdout)
@@ -227,8 +229,7 @@ PATHS = {  # kind -> (API prefix, plural, namespaced)
     "Deployment": ("/apis/apps/v1", "deployments", True),
     "DaemonSet": ("/apis/apps/v1", "daemonsets", True),
     "NetworkPolicy": ("/apis/networking.k8s.io/v1", "networkpolicies", True),
-    # 1.20 serves PodDisruptionBudget as policy/v1beta1 only (see the note in pdb.yaml).
-    "PodDisruptionBudget": ("/apis/policy/v1beta1", "poddisruptionbudgets", True),
+    "PodDisruptionBudget": ("/apis/policy/v1", "poddisruptionbudgets", True),
     **{kind: (f"/apis/monitoring.coreos.com/{version}", plural, True)
        for kind, (plural, version) in OPERATOR_KINDS.items()},
 }
@@ -270,8 +271,6 @@ def install_operator_crds(client: RawClient) -> None:
 
 def apply(client: RawClient, doc: dict[str, Any], dry_run: bool = False) -> dict[str, Any]:
     prefix, plural, namespaced = PATHS[doc["kind"]]
-    if doc["kind"] == "PodDisruptionBudget":
-        doc = {**doc, "apiVersion": "policy/v1beta1"}
     ns = doc["metadata"].get("namespace")
     path = f"{prefix}/namespaces/{ns}/{plural}" if namespaced else f"{prefix}/{plural}"
     return client.request("POST", path, body=doc, query={"dryRun": "All"} if dry_run else None)

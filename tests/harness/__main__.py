@@ -1,9 +1,15 @@
-"""Start the test cluster and a few CoreDNS pods by hand, to try the exporter against them.
+"""Start the test cluster by hand: Kubernetes v1.37.2 with a real node, CoreDNS as kube-dns.
 
-    scripts/test-cluster [--pods N]
+    scripts/test-cluster
 
-Prints how to run the exporter inside the node namespace and where to read its metrics;
-Ctrl-C stops everything it started.
+Progress goes to stderr; once the cluster is up, three lines go to stdout:
+
+    export KUBECONFIG=PATH      the admin's kubeconfig (the API relayed to loopback)
+    IMAGE=NAME                  the exporter image the node has (built from deploy/Dockerfile)
+    NODE_NETNS=NAME             the network namespace where Service and pod IPs route
+
+It stays up until SIGINT or SIGTERM, then stops everything it started and leaves no
+mount, namespace, cgroup or process behind.
 """
 
 from __future__ import annotations
@@ -12,65 +18,54 @@ import argparse
 import signal
 import sys
 import tempfile
+import time
 from pathlib import Path
 from types import FrameType
 
-from .cluster import ADMIN_TOKEN, Cluster, binaries_missing
-from .components import can_use_netns, coredns_binary
-from .lab import Lab
-
-EXPORTER_PORT = 9953
+from .components import coredns_binary
+from .node import EXPORTER_IMAGE
+from .realcluster import RealCluster, missing
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
+def _say(text: str) -> None:
+    print(f"test-cluster: {text}", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="scripts/test-cluster", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pods", type=int, default=3, help="CoreDNS pods to start (3)")
-    args = parser.parse_args(argv)
+    parser.parse_args(argv)
     binary = coredns_binary()
-    problems = [p for p in (binaries_missing(), can_use_netns(),
-                            None if binary else "CoreDNS not built") if p]
-    if problems or binary is None:
-        print("cannot start: " + "; ".join(problems) + " (run scripts/install-test-tools)")
+    problem = missing() or (None if binary else "CoreDNS not built")
+    if problem or binary is None:
+        _say(f"cannot start: {problem} (run scripts/install-test-tools)")
         return 1
     workdir = Path(tempfile.mkdtemp(prefix="coredns-health-exporter-cluster-"))
     signal.signal(signal.SIGTERM, _interrupt)
-    cluster = Cluster(workdir / "cluster")
-    lab: Lab | None = None
+    signal.signal(signal.SIGINT, _interrupt)
+    real = RealCluster(workdir, binary)
+    began = time.monotonic()
     try:
-        cluster.start()
-        lab = Lab(cluster, binary, workdir, namespace="kube-system")
-        for i in range(args.pods):
-            lab.add_pod(node=f"node-{i % 2}")
-        lab.create_service()
-        kubeconfig = lab.kubeconfig(ADMIN_TOKEN, "exporter")
-        first = next(iter(lab.pods.values()))
-        metrics = lab.node.expose(f"127.0.0.1:{EXPORTER_PORT}")
-        print(f"""test cluster up (logs and kubeconfigs in {workdir})
-  API server:      {cluster.server}   (export KUBECONFIG={cluster.admin_kubeconfig})
-  CoreDNS pods:    {", ".join(f"{p.name}={p.ip}" for p in lab.pods.values())}
-  Service:         kube-system/kube-dns {", ".join(lab.cluster_ips)}
-
-Run the exporter in the node namespace (it has no route out; the API is relayed in):
-  ip netns exec {lab.node.name} .venv/bin/coredns-health-exporter serve \\
-      --kubeconfig {kubeconfig} --listen 127.0.0.1:{EXPORTER_PORT}
-and read its metrics from here:
-  curl -s http://{metrics}/metrics | grep dnsprobe_success
-Break a pod's UDP:
-  ip netns exec {first.netns.name} iptables -A INPUT -p udp --dport 53 -j DROP
-
-Ctrl-C stops everything.""", flush=True)
-        signal.pause()
+        _say(f"starting in {workdir} (logs there)")
+        real.start()
+        took = ", ".join(f"{name} {seconds:.1f}s" for name, seconds in real.timings.items())
+        _say(f"up in {time.monotonic() - began:.1f}s ({took}); Ctrl-C stops it")
+        assert real.cluster.netns is not None
+        print(f"export KUBECONFIG={real.cluster.admin_kubeconfig}")
+        print(f"IMAGE={EXPORTER_IMAGE}")
+        print(f"NODE_NETNS={real.cluster.netns.name}", flush=True)
+        while True:
+            signal.pause()
     except KeyboardInterrupt:
-        print("stopping")
+        _say("stopping")
     finally:
-        if lab is not None:
-            lab.close()
-        cluster.stop()
+        stopping = time.monotonic()
+        real.stop()
+        _say(f"stopped in {time.monotonic() - stopping:.1f}s")
     return 0
 
 

@@ -82,6 +82,7 @@ class Lab:
         self._cleanup: list[tuple[str, str, str]] = []  # objects outside our namespaces
         self._raw: ExporterClient | None = None
         self._kubelet: subprocess.Popen[str] | None = None
+        self.kubelet_host = ""
         self.kubelet_port = 0
         self._nodes: set[str] = set()
         self.outside_ns: NetNS | None = None
@@ -108,9 +109,21 @@ class Lab:
         try:
             self.core.create_namespace({"metadata": {"name": self.namespace}})
             self._namespaces.append(self.namespace)
+            self._await_default_account(self.namespace)
         except kubernetes.client.ApiException as exc:
             if exc.status != 409:  # an existing namespace (kube-system) is used, not owned
                 raise
+
+    def _await_default_account(self, namespace: str, timeout: float = 30) -> None:
+        """Return once the ServiceAccount controller has made `default` in `namespace`:
+        until then ServiceAccount admission refuses every pod there."""
+        watch = kubernetes.watch.Watch()  # type: ignore[no-untyped-call]
+        for _ in watch.stream(  # type: ignore[no-untyped-call]
+                self.core.list_namespaced_service_account, namespace,
+                field_selector="metadata.name=default", timeout_seconds=int(timeout)):
+            watch.stop()  # type: ignore[no-untyped-call]
+            return
+        raise RuntimeError(f"no default ServiceAccount in {namespace} after {timeout}s")
 
     # -- network -----------------------------------------------------------------------
 
@@ -173,6 +186,7 @@ class Lab:
         name = f"t-{uuid.uuid4().hex[:8]}"
         self.core.create_namespace({"metadata": {"name": name}})
         self._namespaces.append(name)
+        self._await_default_account(name)
         return name
 
     def ensure_node(self, name: str) -> None:
@@ -190,7 +204,10 @@ class Lab:
         outside the cluster network, once there is one."""
         if not self.kubelet_port and self.outside_ns is None:
             return
-        addresses = [{"type": "Hostname", "address": "127.0.0.1"}]
+        # The API server prefers InternalDNS, then InternalIP: the stand-in is found by
+        # the relay's address in the cluster namespace, while InternalIP stays the node's
+        # address outside the cluster network (where nodeport mode probes).
+        addresses = [{"type": "InternalDNS", "address": self.kubelet_host or NODE_ADDRESS}]
         if self.outside_ns is not None:
             addresses.append({"type": "InternalIP", "address": NODE_OUTSIDE})
         self.core.patch_node_status(name, {"status": {
@@ -214,8 +231,9 @@ class Lab:
         line = self._kubelet.stdout.readline()
         if not line.startswith("listening "):
             raise RuntimeError(f"the stand-in kubelet did not start: {line!r}")
-        relayed = self.node.expose(line.split()[1])
-        self.kubelet_port = int(relayed.rsplit(":", 1)[1])
+        relayed = self.cluster.relay_into(self.node.expose(line.split()[1]))
+        self.kubelet_host, port = relayed.rsplit(":", 1)
+        self.kubelet_port = int(port)
         self.ensure_node(node)
         for name in self._nodes:
             self._point_node(name)
@@ -369,8 +387,7 @@ class Lab:
 
     @property
     def raw(self) -> ExporterClient:
-        """The exporter's own plain-JSON client, as admin: for APIs 1.20 serves in versions
-        the generated client no longer has (policy/v1beta1)."""
+        """The exporter's own plain-JSON client, as admin (plain bodies, no models)."""
         if self._raw is None:
             self._raw = ExporterClient.connect(str(self.cluster.admin_kubeconfig))
         return self._raw
@@ -378,9 +395,9 @@ class Lab:
     def create_pdb(self, min_available: int) -> None:
         """A PodDisruptionBudget over the CoreDNS pods; returns once the disruption
         controller has computed its status."""
-        base = f"/apis/policy/v1beta1/namespaces/{self.namespace}/poddisruptionbudgets"
+        base = f"/apis/policy/v1/namespaces/{self.namespace}/poddisruptionbudgets"
         self.raw.request("POST", base, body={
-            "apiVersion": "policy/v1beta1", "kind": "PodDisruptionBudget",
+            "apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
             "metadata": {"name": "coredns"},
             "spec": {"minAvailable": min_available, "selector": {"matchLabels": SELECTOR}},
         })
@@ -393,20 +410,27 @@ class Lab:
         raise RuntimeError("the disruption controller did not process the PDB")
 
     def create_deployment(self, rolled_out: bool) -> None:
-        """A CoreDNS Deployment whose status says it is rolled out, or mid-rollout (no
-        deployment controller runs here: the status is written by hand)."""
+        """A paused CoreDNS Deployment over the lab's pods, whose status the deployment
+        controller writes: with no replicas it is rolled out (0 of 0 updated); with one
+        per pod it is mid-rollout (paused, it never makes the ReplicaSet that would update
+        them). Paused, it makes no ReplicaSet that could adopt the lab's pods."""
         base = f"/apis/apps/v1/namespaces/{self.namespace}/deployments"
+        replicas = 0 if rolled_out else len(self.pods)
         dep = self.raw.request("POST", base, body={
             "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "coredns"},
-            "spec": {"replicas": len(self.pods), "selector": {"matchLabels": SELECTOR},
+            "spec": {"replicas": replicas, "paused": True,
+                     "selector": {"matchLabels": SELECTOR},
                      "template": {"metadata": {"labels": SELECTOR}, "spec": {
                          "containers": [{"name": "coredns", "image": "coredns"}]}}},
         })
-        n = len(self.pods)
-        dep["status"] = {"observedGeneration": dep["metadata"]["generation"], "replicas": n,
-                         "updatedReplicas": n if rolled_out else n - 1,
-                         "readyReplicas": n, "availableReplicas": n}
-        self.raw.request("PUT", f"{base}/coredns/status", body=dep)
+        generation = dep["metadata"]["generation"]
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            status = self.raw.request("GET", f"{base}/coredns").get("status", {})
+            if status.get("observedGeneration") == generation:
+                return
+            time.sleep(0.2)  # polling the controller's status: it has no event to wait on
+        raise RuntimeError("the deployment controller did not process the Deployment")
 
     def await_allowed(self, user: str, verb: str, resource: str, group: str = "",
                       timeout: float = 10, subresource: str = "",

@@ -28,6 +28,16 @@ class NetNS:
         self.exec(["ip", "link", "set", "lo", "up"])
         self._relays: list[Relay] = []
 
+    @property
+    def path(self) -> str:
+        return f"/run/netns/{self.name}"
+
+    def enter(self, args: Sequence[str]) -> list[str]:
+        """`args` wrapped to run inside this namespace with nsenter, which changes the
+        network namespace only (`ip netns exec` also remounts /sys, which hides the cgroup
+        mounts a kubelet and a container runtime need)."""
+        return ["nsenter", f"--net={self.path}", "--", *args]
+
     def command(self, args: Sequence[str]) -> list[str]:
         """`args` wrapped to run inside this namespace (ip netns exec execs, keeping the PID)."""
         return ["ip", "netns", "exec", self.name, *args]
@@ -47,7 +57,7 @@ class NetNS:
     def expose(self, address: str) -> str:
         """An address on the machine's loopback relayed to `address` in this namespace
         (the tests' way in; the relay is stopped with the namespace)."""
-        relay = Relay.start("-", "127.0.0.1:0", f"/run/netns/{self.name}", address)
+        relay = Relay.start("-", "127.0.0.1:0", self.path, address)
         self._relays.append(relay)
         return relay.address
 

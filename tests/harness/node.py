@@ -1,0 +1,350 @@
+"""A real Kubernetes node in the cluster namespace: containerd, runc, CNI, kubelet, kube-proxy.
+
+The container runtime is Debian's containerd (1.6) and runc, started with its own root,
+state directory and socket under the node's work directory; pods get their network from
+the CNI bridge and host-local plugins (Debian's containernetworking-plugins) on a bridge
+`cni0` inside the cluster namespace; kube-proxy (iptables mode) routes Service IPs there.
+Images are imported from archives made by scripts/build-test-images: no image is pulled.
+
+Settings that differ from a production node, each for a reason of this machine (see
+../shared/REAL-CLUSTER.md and docs/testing.md): cgroup v1 is allowed (`failCgroupV1:
+false`; this kernel's cgroups are hybrid), node allocatable is not enforced and hard
+eviction is off (no CAP_SYS_RESOURCE, and a test machine's disk must not evict test pods),
+containerd restricts oom_score_adj (root here cannot raise it), image garbage collection
+never deletes the imported images (they cannot be pulled again).
+
+Stopping a node deletes its pods through the runtime, stops every process it started by
+PID (shims by the PIDs containerd recorded), unmounts what they mounted under its work
+directory and removes its cgroups, so nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .cluster import (
+    CLUSTER_DNS,
+    KUBE_BIN,
+    NODE_IP,
+    POD_CIDR,
+    Cluster,
+    Process,
+)
+from .components import CACHE
+
+IMAGES = CACHE / "images"
+PAUSE_IMAGE = "localhost/coredns-health-exporter-test/pause:3.10"
+COREDNS_IMAGE = "localhost/coredns-health-exporter-test/coredns:1.13.1"
+EXPORTER_IMAGE = "localhost/coredns-health-exporter:test"
+# archive file -> the image it holds
+ARCHIVES = {"pause.tar": PAUSE_IMAGE, "coredns.tar": COREDNS_IMAGE,
+            "exporter.tar": EXPORTER_IMAGE}
+CNI_BIN = Path("/usr/lib/cni")
+NODE_POD_CIDR = "10.244.0.0/24"
+CGROUP_ROOT = "/coredns-health-exporter-test"
+
+
+def node_missing() -> str | None:
+    """None when a node can run here, else what is missing and how to get it."""
+    for tool in ("containerd", "containerd-shim-runc-v2", "runc", "ctr", "iptables"):
+        if shutil.which(tool) is None:
+            return f"`{tool}` is not installed (scripts/install-test-tools installs it)"
+    for plugin in ("bridge", "host-local", "loopback", "portmap"):
+        if not (CNI_BIN / plugin).is_file():
+            return f"CNI plugin {plugin} missing (containernetworking-plugins)"
+    for name in ("kubelet", "kube-proxy"):
+        if not (KUBE_BIN / name).is_file():
+            return f"{KUBE_BIN / name} not built: run scripts/install-kube-test-cluster"
+    for archive in ARCHIVES:
+        if not (IMAGES / archive).is_file():
+            return f"image {IMAGES / archive} not built: run scripts/build-test-images"
+    return None
+
+
+@dataclass
+class Node:
+    """One node of the cluster: its name, address and processes."""
+
+    cluster: Cluster
+    name: str
+    workdir: Path
+    containerd: Process | None = None
+    kubelet: Process | None = None
+    kube_proxy: Process | None = None
+
+    @property
+    def socket(self) -> Path:
+        return self.workdir / "containerd" / "containerd.sock"
+
+    def ctr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """`ctr` against this node's containerd, in the namespace the kubelet uses."""
+        return subprocess.run(["ctr", "--address", str(self.socket), "-n", "k8s.io", *args],
+                              capture_output=True, text=True, timeout=timeout, check=False)
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def start(self, timeout: float = 120) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        netns = self.cluster.netns
+        assert netns is not None
+        netns.exec(["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+        self._make_cgroup_root()
+        self._start_containerd(timeout)
+        self._import_images()
+        self.kubelet = self.cluster.start_process("kubelet", [
+            str(KUBE_BIN / "kubelet"),
+            "--config", str(self._kubelet_config()),
+            "--kubeconfig", str(self.cluster.node_kubeconfig(self.name)),
+            "--hostname-override", self.name, "--node-ip", NODE_IP,
+            "--root-dir", str(self.workdir / "kubelet"),
+            "--cert-dir", str(self.workdir / "kubelet-pki"),
+            "-v", "2",
+        ], log_name=f"kubelet-{self.name}")
+        self.kube_proxy = self.cluster.start_process("kube-proxy", [
+            str(KUBE_BIN / "kube-proxy"), "--config", str(self._proxy_config()),
+        ], log_name=f"kube-proxy-{self.name}")
+        self._await_ready(timeout)
+
+    @staticmethod
+    def _make_cgroup_root() -> None:
+        """The kubelet's cgroupRoot, in every v1 hierarchy (it must exist beforehand);
+        a cpuset child starts with no CPUs or memory nodes, so it gets its parent's."""
+        for controller in Path("/sys/fs/cgroup").iterdir():
+            if controller.name == "unified" or not controller.is_dir():
+                continue
+            top = controller / CGROUP_ROOT.lstrip("/")
+            top.mkdir(exist_ok=True)
+            if controller.name == "cpuset":
+                for name in ("cpuset.cpus", "cpuset.mems"):
+                    (top / name).write_text((controller / name).read_text())
+
+    def _start_containerd(self, timeout: float) -> None:
+        base = self.workdir / "containerd"
+        cni = self.workdir / "cni"
+        cni.mkdir(parents=True, exist_ok=True)
+        (cni / "10-chx.conflist").write_text(json.dumps({
+            "cniVersion": "0.4.0", "name": "chx", "plugins": [
+                {"type": "bridge", "bridge": "cni0", "isGateway": True, "ipMasq": False,
+                 "hairpinMode": True,
+                 "ipam": {"type": "host-local", "ranges": [[{"subnet": NODE_POD_CIDR}]],
+                          "routes": [{"dst": "0.0.0.0/0"}],
+                          "dataDir": str(self.workdir / "cni-ipam")}},
+                {"type": "portmap", "capabilities": {"portMappings": True}},
+            ]}, indent=2))
+        config = base / "config.toml"
+        base.mkdir(parents=True, exist_ok=True)
+        cri = 'plugins."io.containerd.grpc.v1.cri"'
+        config.write_text(f"""version = 2
+root = "{base / 'root'}"
+state = "{base / 'state'}"
+disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs",
+  "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.aufs",
+  "io.containerd.tracing.processor.v1.otlp", "io.containerd.internal.v1.tracing"]
+[grpc]
+  address = "{self.socket}"
+[ttrpc]
+  address = "{self.socket}.ttrpc"
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{base / 'opt'}"
+[{cri}]
+  sandbox_image = "{PAUSE_IMAGE}"
+  restrict_oom_score_adj = true
+  enable_unprivileged_ports = true
+  enable_unprivileged_icmp = true
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  [{cri}.containerd]
+    snapshotter = "overlayfs"
+    default_runtime_name = "runc"
+    [{cri}.containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [{cri}.containerd.runtimes.runc.options]
+        SystemdCgroup = false
+  [{cri}.cni]
+    bin_dir = "{CNI_BIN}"
+    conf_dir = "{cni}"
+""")
+        self.containerd = self.cluster.start_process(
+            "containerd", ["containerd", "--config", str(config)],
+            log_name=f"containerd-{self.name}")
+        deadline = time.monotonic() + timeout
+        while self.ctr("version", timeout=10).returncode != 0:
+            if not self.containerd.alive():
+                raise RuntimeError(f"containerd exited:\n{self.containerd.tail()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"containerd not up in {timeout}s:\n{self.containerd.tail()}")
+            time.sleep(0.2)  # polling a socket that is being created: no event to wait on
+
+    def _import_images(self) -> None:
+        for archive, image in ARCHIVES.items():
+            done = self.ctr("images", "import", "--all-platforms", str(IMAGES / archive),
+                            timeout=300)
+            if done.returncode != 0:
+                raise RuntimeError(f"importing {archive} failed: {done.stderr.strip()}")
+            if image not in self.ctr("images", "ls", "-q").stdout.split():
+                raise RuntimeError(f"{archive} did not hold {image}")
+        # The sandbox image is never garbage-collected.
+        self.ctr("images", "label", PAUSE_IMAGE, "io.cri-containerd.pinned=pinned")
+
+    def tag(self, source: str, target: str) -> None:
+        """Give an imported image a second name (the one a manifest asks for)."""
+        done = self.ctr("images", "tag", "--force", source, target)
+        if done.returncode != 0:
+            raise RuntimeError(f"ctr images tag {source} {target}: {done.stderr.strip()}")
+
+    def _kubelet_config(self) -> Path:
+        resolv = self.workdir / "resolv.conf"
+        resolv.write_text(f"nameserver {self.cluster.upstream_ip}\n")
+        path = self.workdir / "kubelet.yaml"
+        config = {
+            "apiVersion": "kubelet.config.k8s.io/v1beta1",
+            "kind": "KubeletConfiguration",
+            "address": NODE_IP, "port": 10250, "readOnlyPort": 0,
+            "healthzBindAddress": "127.0.0.1", "healthzPort": 10248,
+            "containerRuntimeEndpoint": f"unix://{self.socket}",
+            "authentication": {
+                "anonymous": {"enabled": False},
+                "webhook": {"enabled": True},
+                "x509": {"clientCAFile": str(self.cluster.ca_file)},
+            },
+            "authorization": {"mode": "Webhook"},
+            "clusterDNS": [CLUSTER_DNS], "clusterDomain": "cluster.local",
+            "resolvConf": str(resolv),
+            "cgroupDriver": "cgroupfs", "cgroupRoot": CGROUP_ROOT,
+            "failCgroupV1": False, "failSwapOn": False,
+            "enforceNodeAllocatable": [], "evictionHard": {},
+            "localStorageCapacityIsolation": False,
+            "makeIPTablesUtilChains": False,
+            "imageGCHighThresholdPercent": 100, "imageGCLowThresholdPercent": 99,
+            "serializeImagePulls": False,
+            "registerNode": True,
+            "podCIDR": NODE_POD_CIDR,
+            "shutdownGracePeriod": "0s",
+        }
+        path.write_text(json.dumps(config, indent=2))
+        return path
+
+    def _proxy_config(self) -> Path:
+        path = self.workdir / "kube-proxy.yaml"
+        config = {
+            "apiVersion": "kubeproxy.config.k8s.io/v1alpha1",
+            "kind": "KubeProxyConfiguration",
+            "clientConnection": {
+                "kubeconfig": str(self.cluster.component_kubeconfig("kube-proxy"))},
+            "mode": "iptables", "hostnameOverride": self.name,
+            "clusterCIDR": POD_CIDR,
+            "bindAddress": NODE_IP,
+            "healthzBindAddress": "127.0.0.1:10256",
+            "metricsBindAddress": "127.0.0.1:10249",
+            "conntrack": {"maxPerCore": 0, "min": 0, "tcpEstablishedTimeout": "0s",
+                          "tcpCloseWaitTimeout": "0s"},
+        }
+        path.write_text(json.dumps(config, indent=2))
+        return path
+
+    def _await_ready(self, timeout: float) -> None:
+        """Return once the Node object says Ready (the kubelet registered, the runtime and
+        the network are up)."""
+        assert self.kubelet is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for process in (self.containerd, self.kubelet, self.kube_proxy):
+                if process is not None and not process.alive():
+                    raise RuntimeError(f"{process.name} exited:\n{process.tail()}")
+            node = self.cluster.api("GET", f"/api/v1/nodes/{self.name}", missing_ok=True)
+            conditions = (node or {}).get("status", {}).get("conditions", [])
+            if any(c["type"] == "Ready" and c["status"] == "True" for c in conditions):
+                return
+            time.sleep(0.3)  # polling the node's status: its first write is the event
+        raise RuntimeError(f"node {self.name} not Ready after {timeout}s:\n"
+                           f"{self.kubelet.tail()}")
+
+    def stop(self) -> None:
+        """Delete every pod through the runtime, stop the processes, leave nothing."""
+        if self.kube_proxy is not None:
+            self.kube_proxy.stop()
+        if self.kubelet is not None:
+            self.kubelet.stop()
+        pod_netns = self._pod_network_namespaces()
+        if self.containerd is not None and self.containerd.alive():
+            self._remove_pods()
+        if self.containerd is not None:
+            self.containerd.stop()
+        self._kill_shims()
+        self._unmount()
+        self._remove_cgroups()
+        for path in pod_netns:  # CNI's bind mount of a sandbox's network namespace
+            subprocess.run(["ip", "netns", "delete", path.name], capture_output=True,
+                           check=False)
+
+    def _task_pids(self) -> list[int]:
+        """The PIDs containerd recorded for its shims and their tasks."""
+        state = self.workdir / "containerd" / "state"
+        pids = []
+        for pid_file in state.glob("io.containerd.runtime.v2.task/*/*/*.pid"):
+            with contextlib.suppress(ValueError, OSError):
+                pids.append(int(pid_file.read_text().strip()))
+        return pids
+
+    def _pod_network_namespaces(self) -> list[Path]:
+        """The /run/netns entries CNI made for this node's sandboxes: those whose
+        namespace is one of our tasks' (matched by inode, so another runtime's are never
+        touched)."""
+        ours = set()
+        for pid in self._task_pids():
+            with contextlib.suppress(OSError):
+                ours.add(os.stat(f"/proc/{pid}/ns/net").st_ino)
+        found = []
+        for entry in Path("/run/netns").glob("cni-*"):
+            with contextlib.suppress(OSError):
+                if entry.stat().st_ino in ours:
+                    found.append(entry)
+        return found
+
+    def _remove_pods(self) -> None:
+        """Stop and remove every task and container, so the shims exit and the sandboxes'
+        network namespaces are torn down by CNI."""
+        tasks = self.ctr("tasks", "ls", "-q").stdout.split()
+        for task in tasks:
+            self.ctr("tasks", "kill", "-s", "SIGKILL", task)
+        for task in tasks:
+            self.ctr("tasks", "delete", "--force", task)
+        for container in self.ctr("containers", "ls", "-q").stdout.split():
+            self.ctr("containers", "delete", container)
+
+    def _kill_shims(self) -> None:
+        """The shims outlive containerd by design; end those it recorded, by PID."""
+        for pid in self._task_pids():
+            with contextlib.suppress(OSError):
+                os.kill(pid, 9)
+
+    def _unmount(self) -> None:
+        """Unmount everything mounted under the work directory, deepest first."""
+        root = str(self.workdir.resolve())
+        for _ in range(3):
+            with open("/proc/self/mountinfo") as f:
+                points = [line.split()[4] for line in f]
+            ours = sorted({p for p in points if p.startswith(root)}, key=len, reverse=True)
+            if not ours:
+                return
+            for point in ours:
+                subprocess.run(["umount", "-l", point], capture_output=True, check=False)
+
+    def _remove_cgroups(self) -> None:
+        for controller in Path("/sys/fs/cgroup").iterdir():
+            top = controller / CGROUP_ROOT.lstrip("/")
+            if not top.is_dir():
+                continue
+            for directory in sorted(top.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+                if directory.is_dir():
+                    with contextlib.suppress(OSError):
+                        directory.rmdir()
+            with contextlib.suppress(OSError):
+                top.rmdir()

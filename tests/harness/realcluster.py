@@ -1,0 +1,67 @@
+"""The whole test cluster as a user has one: control plane, a real node, CoreDNS as kube-dns.
+
+`RealCluster.start()` brings up, in order: the control plane (harness/cluster.py), the
+upstream resolver, the node worker-1 (harness/node.py), and CoreDNS (harness/kubedns.py),
+and returns once every CoreDNS replica is Ready behind kube-dns. `stop()` undoes all of
+it. The test session starts one (the `real_cluster` fixture); `scripts/test-cluster`
+starts one by hand.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from . import kubedns
+from .cluster import NODE_NAMES, Cluster, Process, binaries_missing
+from .node import Node, node_missing
+
+
+def missing() -> str | None:
+    """None when a real cluster can be started here, else why not."""
+    return binaries_missing() or node_missing()
+
+
+class RealCluster:
+    def __init__(self, workdir: Path, coredns_bin: Path) -> None:
+        self.workdir = workdir
+        self.coredns_bin = coredns_bin
+        self.cluster = Cluster(workdir / "control-plane")
+        self.node = Node(self.cluster, NODE_NAMES[0], workdir / NODE_NAMES[0])
+        self.upstream: Process | None = None
+        self.timings: dict[str, float] = {}
+
+    def start(self) -> None:
+        steps = (("control plane", self.cluster.start),
+                 ("upstream resolver", self._start_upstream),
+                 ("node", self.node.start),
+                 ("CoreDNS", lambda: kubedns.install(self.cluster)))
+        for name, step in steps:
+            began = time.monotonic()
+            step()
+            self.timings[name] = time.monotonic() - began
+
+    def _start_upstream(self) -> None:
+        self.upstream = kubedns.start_upstream(self.cluster, self.coredns_bin)
+
+    def stop(self) -> None:
+        self.node.stop()
+        if self.upstream is not None:
+            self.upstream.stop()
+        self.cluster.stop()
+
+    # -- reading the cluster ------------------------------------------------------------
+
+    def kubectl(self, *args: str, stdin: str | None = None, timeout: float = 120) -> str:
+        return kubedns.kubectl(self.cluster, *args, stdin=stdin, timeout=timeout).stdout
+
+    def pods(self, namespace: str, selector: str) -> list[dict[str, Any]]:
+        answer = self.cluster.api(
+            "GET", f"/api/v1/namespaces/{namespace}/pods?labelSelector={selector}")
+        assert answer is not None
+        items: list[dict[str, Any]] = answer["items"]
+        return items
+
+    def coredns_pods(self) -> list[dict[str, Any]]:
+        return self.pods("kube-system", "k8s-app%3Dkube-dns")
