@@ -3,7 +3,9 @@ kube-dns, and the exporter installed with `kubectl apply -k deploy/` from its im
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -13,10 +15,15 @@ from typing import Any
 import pytest
 import yaml
 
+from alerts.generate import rules
 from tests.harness.cluster import CLUSTER_DNS, KUBE_BIN, KUBERNETES_CLUSTER_IP
+from tests.harness.components import missing
+from tests.harness.monitoring import Monitoring
+from tests.harness.monitoring import binaries_missing as monitoring_missing
 from tests.harness.node import EXPORTER_IMAGE
 from tests.harness.realcluster import RealCluster
-from tests.harness.scrape import samples, scrape_until
+from tests.harness.scrape import samples, scrape_until, wait_until
+from tests.test_e2e import FAST_RULES
 
 REPO = Path(__file__).resolve().parent.parent
 NAMESPACE = "coredns-health-exporter"
@@ -63,20 +70,27 @@ def rendered_image() -> str:
     raise AssertionError("deploy/ renders no Deployment")
 
 
+@contextlib.contextmanager
+def applied(real: RealCluster, kustomization: Path) -> Iterator[list[dict[str, Any]]]:
+    """`kubectl apply -k` as a user runs it, the node holding the image under the name
+    deploy/ gives it; yields the exporter's pods once the rollout is complete; deletes
+    everything after."""
+    real.node.tag(EXPORTER_IMAGE, rendered_image())
+    try:
+        real.kubectl("apply", "-k", str(kustomization))
+        real.kubectl("-n", NAMESPACE, "rollout", "status",
+                     "deployment/coredns-health-exporter", "--timeout=180s", timeout=190)
+        yield real.pods(NAMESPACE, SELECTOR)
+    finally:
+        real.kubectl("delete", "-k", str(kustomization), "--ignore-not-found", "--wait=true",
+                     "--timeout=120s", timeout=130)
+
+
 @pytest.fixture
 def installed(real_cluster: RealCluster) -> Iterator[list[dict[str, Any]]]:
-    """deploy/ applied as a user applies it, the node holding the image under the name
-    deploy/ gives it; the exporter's pods once Ready; everything deleted after."""
-    real_cluster.node.tag(EXPORTER_IMAGE, rendered_image())
-    real_cluster.kubectl("apply", "-k", str(REPO / "deploy"))
-    try:
-        real_cluster.kubectl("-n", NAMESPACE, "rollout", "status",
-                             "deployment/coredns-health-exporter", "--timeout=180s",
-                             timeout=190)
-        yield real_cluster.pods(NAMESPACE, SELECTOR)
-    finally:
-        real_cluster.kubectl("delete", "-k", str(REPO / "deploy"), "--wait=true",
-                             "--timeout=120s", timeout=130)
+    """deploy/ applied unchanged."""
+    with applied(real_cluster, REPO / "deploy") as pods:
+        yield pods
 
 
 async def test_kubectl_apply_k_deploy_runs_the_image_and_probes_every_pod(
@@ -123,3 +137,124 @@ async def test_kubectl_apply_k_deploy_runs_the_image_and_probes_every_pod(
     service = {s.labels["protocol"]: s.value for s in success
                if s.labels["kind"] == "service" and s.labels["address"] == f"{CLUSTER_DNS}:53"}
     assert service == {"udp": 1, "tcp": 1}
+
+
+def overlay(directory: Path, args: dict[str, str]) -> Path:
+    """A user's kustomization over deploy/ that sets some of the exporter's flags
+    (`--NAME=VALUE`, replacing the shipped value of that flag, or added)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    text = subprocess.run([str(KUBE_BIN / "kubectl"), "kustomize", str(REPO / "deploy")],
+                          capture_output=True, text=True, check=True, timeout=60).stdout
+    [deployment] = [d for d in yaml.safe_load_all(text) if d and d["kind"] == "Deployment"]
+    shipped: list[str] = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    ops = []
+    for name, value in args.items():
+        index = next((i for i, a in enumerate(shipped) if a.startswith(f"--{name}=")), "-")
+        ops.append({"op": "replace" if index != "-" else "add",
+                    "path": f"/spec/template/spec/containers/0/args/{index}",
+                    "value": f"--{name}={value}"})
+    (directory / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": [os.path.relpath(REPO / "deploy", directory)],
+        "patches": [{"target": {"kind": "Deployment", "name": "coredns-health-exporter"},
+                     "patch": json.dumps(ops)}],
+    }))
+    return directory
+
+
+def evictions(real: RealCluster) -> list[dict[str, Any]]:
+    answer = real.cluster.api(
+        "GET", "/api/v1/namespaces/kube-system/events?fieldSelector=reason%3DCoreDNSPodEvicted")
+    assert answer is not None
+    items: list[dict[str, Any]] = answer["items"]
+    return items
+
+
+async def test_udp_dead_pod_is_alerted_evicted_and_replaced(
+        real_cluster: RealCluster, tmp_path: Path) -> None:
+    """UDP/53 broken inside one CoreDNS pod's own network namespace: its UDP series fail
+    while TCP passes; the shipped alert fires in a real Prometheus, Alertmanager calls the
+    webhook, the pod is evicted (policy/v1, its PDB honoured), the ReplicaSet's
+    replacement is scheduled, started and probed, the old pod's series vanish. Once."""
+    reason = monitoring_missing()
+    if reason:
+        missing("Prometheus and Alertmanager", reason)
+    real = real_cluster
+    token = os.urandom(16).hex()
+    (tmp_path / "token").write_text(token)
+    real.kubectl("create", "namespace", NAMESPACE)
+    real.kubectl("-n", NAMESPACE, "create", "secret", "generic",
+                 "coredns-health-exporter-webhook", f"--from-literal=token={token}")
+    user = overlay(tmp_path / "overlay", {"remediation": "evict", "interval": "1",
+                                          "timeout": "0.5"})
+    netns = real.cluster.netns
+    assert netns is not None
+    with applied(real, user) as pods:
+        before = {p["metadata"]["name"]: p for p in real.coredns_pods()}
+        sick = sorted(before)[0]
+        service = real.cluster.api(
+            "GET", f"/api/v1/namespaces/{NAMESPACE}/services/coredns-health-exporter")
+        assert service is not None
+        monitoring = Monitoring(
+            netns, tmp_path / "monitoring", "", tmp_path / "token", rules(FAST_RULES),
+            scrape_configs=[{
+                "job_name": "coredns-health-exporter", "honor_labels": True,
+                "static_configs": [{"targets": [f"{p['status']['podIP']}:9953"
+                                                for p in pods]}]}],
+            webhook=f"{service['spec']['clusterIP']}:9953")
+        try:
+            await _break_and_watch(real, monitoring, sick, set(before))
+        finally:
+            monitoring.stop()
+
+
+async def _break_and_watch(real: RealCluster, monitoring: Monitoring, sick: str,
+                           before: set[str]) -> None:
+    def query(expr: str) -> list[dict[str, Any]]:
+        return monitoring.query(expr)
+
+    # Prometheus sees every pod answering first.
+    assert await wait_until(lambda: len(query(
+        'dnsprobe_success{job="coredns-health-exporter", kind="pod"} == 1')) == 12, 60), \
+        query("dnsprobe_success")
+    real.node.in_pod_network("kube-system", sick, [
+        "iptables", "-A", "INPUT", "-p", "udp", "--dport", "53", "-j", "DROP"])
+    assert await wait_until(lambda: bool(query(
+        f'dnsprobe_success{{pod="{sick}", protocol="udp"}} == 0')), 30)
+    assert query(f'min(dnsprobe_success{{pod="{sick}", protocol="tcp"}}) == 1')
+    # The Service keeps answering: two pods in three behind it still do.
+    assert await wait_until(lambda: bool(query(
+        'sum(increase(dnsprobe_probes_total{kind="service", protocol="udp", '
+        'result="success"}[15s])) > 0')), 30)
+
+    # Alert, webhook, eviction: the pod goes Terminating (its grace period, not 0).
+    def gone_or_terminating() -> bool:
+        pod = real.cluster.api("GET", f"/api/v1/namespaces/kube-system/pods/{sick}",
+                               missing_ok=True)
+        return pod is None or bool(pod["metadata"].get("deletionTimestamp"))
+
+    assert await wait_until(gone_or_terminating, 120), (
+        "not evicted; alerts: " + str(query("ALERTS")))
+    [event] = evictions(real)
+    assert event["involvedObject"]["name"] == sick
+    assert "CoreDNSPodUDPFailing" in event["message"]
+
+    # The ReplicaSet's replacement runs, is Ready and probed; the old pod's series vanish.
+    def replaced() -> bool:
+        pods = real.coredns_pods()
+        ready = [p for p in pods if not p["metadata"].get("deletionTimestamp") and any(
+            c["type"] == "Ready" and c["status"] == "True"
+            for c in p["status"].get("conditions", []))]
+        return len(ready) == 3 and sick not in {p["metadata"]["name"] for p in pods}
+
+    assert await wait_until(replaced, 90)
+    [new] = {p["metadata"]["name"] for p in real.coredns_pods()} - before
+    assert await wait_until(lambda: len(query(
+        f'dnsprobe_success{{pod="{new}"}} == 1')) == 4, 60), query("dnsprobe_success")
+    assert await wait_until(lambda: not query(f'dnsprobe_success{{pod="{sick}"}}'), 30)
+
+    # Exactly one eviction, by one of the two replicas, and none after the alert resolved.
+    assert await wait_until(lambda: not [
+        a for a in monitoring.firing() if a["labels"].get("pod") == sick], 60)
+    assert query('sum(dnsprobe_remediations_total{action="evict", result="success"}) == 1')
+    assert len(evictions(real)) == 1

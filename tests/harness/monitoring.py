@@ -1,6 +1,7 @@
-"""Real Prometheus and Alertmanager (Debian's packages) in a lab's node namespace, wired to
-the exporter under test: Prometheus scrapes it and evaluates the shipped rules, Alertmanager
-routes CoreDNSPodUDPFailing to its webhook with a bearer token. Stopped by their PIDs."""
+"""Real Prometheus and Alertmanager (Debian's packages) in a network namespace of the tests
+(a lab's node namespace, or the real cluster's), wired to the exporter under test:
+Prometheus scrapes it and evaluates the shipped rules, Alertmanager routes
+CoreDNSPodUDPFailing to its webhook with a bearer token. Stopped by their PIDs."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import yaml
 
 from .cluster import Process
 from .lab import Lab
+from .netns import NetNS
 
 PROMETHEUS_PORT, ALERTMANAGER_PORT = 9090, 9093
 
@@ -50,10 +52,14 @@ def alertmanager_config(webhook: str, token_file: Path) -> dict[str, Any]:
 
 
 class Monitoring:
-    def __init__(self, lab: Lab, workdir: Path, exporter: str, token_file: Path,
+    def __init__(self, where: Lab | NetNS, workdir: Path, exporter: str, token_file: Path,
                  rules: dict[str, Any],
-                 scrape_configs: list[dict[str, Any]] | None = None) -> None:
-        """`scrape_configs` replaces the default: a static target at `exporter`."""
+                 scrape_configs: list[dict[str, Any]] | None = None,
+                 webhook: str | None = None) -> None:
+        """In the lab's node namespace, or in namespace `where`. `scrape_configs` replaces
+        the default: a static target at `exporter`; `webhook` (default: `exporter`'s) is
+        the HOST:PORT Alertmanager posts to."""
+        netns = where.node if isinstance(where, Lab) else where
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "rules.yaml").write_text(yaml.safe_dump(rules))
         (workdir / "prometheus.yml").write_text(yaml.safe_dump({
@@ -67,21 +73,21 @@ class Monitoring:
             }],
         }))
         (workdir / "alertmanager.yml").write_text(yaml.safe_dump(alertmanager_config(
-            f"http://{exporter}/webhook/alertmanager", token_file)))
+            f"http://{webhook or exporter}/webhook/alertmanager", token_file)))
         self.processes = [
-            Process("prometheus", lab.node.command([
+            Process("prometheus", netns.command([
                 "prometheus", "--config.file", str(workdir / "prometheus.yml"),
                 "--storage.tsdb.path", str(workdir / "tsdb"),
                 "--web.listen-address", f"127.0.0.1:{PROMETHEUS_PORT}"]),
                 workdir / "prometheus.log"),
-            Process("alertmanager", lab.node.command([
+            Process("alertmanager", netns.command([
                 "prometheus-alertmanager", "--config.file", str(workdir / "alertmanager.yml"),
                 "--storage.path", str(workdir / "am"), "--cluster.listen-address=",
                 "--web.listen-address", f"127.0.0.1:{ALERTMANAGER_PORT}"]),
                 workdir / "alertmanager.log"),
         ]
-        self.prometheus = "http://" + lab.node.expose(f"127.0.0.1:{PROMETHEUS_PORT}")
-        self.alertmanager = "http://" + lab.node.expose(f"127.0.0.1:{ALERTMANAGER_PORT}")
+        self.prometheus = "http://" + netns.expose(f"127.0.0.1:{PROMETHEUS_PORT}")
+        self.alertmanager = "http://" + netns.expose(f"127.0.0.1:{ALERTMANAGER_PORT}")
         try:
             for process, url in zip(self.processes, (self.prometheus, self.alertmanager),
                                     strict=True):

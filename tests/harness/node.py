@@ -199,6 +199,25 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         if done.returncode != 0:
             raise RuntimeError(f"ctr images tag {source} {target}: {done.stderr.strip()}")
 
+    def pod_pid(self, namespace: str, pod: str) -> int:
+        """The PID of the pod's sandbox (its pause process), whose /proc/PID/ns/net is the
+        pod's network namespace."""
+        labels = {"io.kubernetes.pod.namespace": namespace, "io.kubernetes.pod.name": pod,
+                  "io.cri-containerd.kind": "sandbox"}
+        query = ",".join(f'labels."{k}"=={v}' for k, v in labels.items())
+        sandboxes = self.ctr("containers", "ls", "-q", query).stdout.split()
+        tasks = dict(line.split()[:2] for line in self.ctr("tasks", "ls").stdout.splitlines()[1:])
+        running = [int(tasks[s]) for s in sandboxes if s in tasks]
+        if len(running) != 1:
+            raise RuntimeError(f"pod {namespace}/{pod}: {len(running)} running sandboxes")
+        return running[0]
+
+    def in_pod_network(self, namespace: str, pod: str, args: list[str]) -> None:
+        """Run `args` (iptables, say) in the pod's own network namespace."""
+        pid = self.pod_pid(namespace, pod)
+        subprocess.run(["nsenter", f"--net=/proc/{pid}/ns/net", "--", *args], check=True,
+                       capture_output=True, text=True, timeout=30)
+
     def _kubelet_config(self) -> Path:
         resolv = self.workdir / "resolv.conf"
         resolv.write_text(f"nameserver {self.cluster.upstream_ip}\n")
