@@ -9,9 +9,12 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import yaml
 
@@ -170,42 +173,139 @@ def evictions(real: RealCluster) -> list[dict[str, Any]]:
     return items
 
 
-async def test_udp_dead_pod_is_alerted_evicted_and_replaced(
-        real_cluster: RealCluster, tmp_path: Path) -> None:
-    """UDP/53 broken inside one CoreDNS pod's own network namespace: its UDP series fail
-    while TCP passes; the shipped alert fires in a real Prometheus, Alertmanager calls the
-    webhook, the pod is evicted (policy/v1, its PDB honoured), the ReplicaSet's
-    replacement is scheduled, started and probed, the old pod's series vanish. Once."""
+@dataclass
+class Monitored:
+    """The exporter installed by a user's overlay (remediation on), scraped by a real
+    Prometheus with the shipped rules, routed by a real Alertmanager to its webhook."""
+
+    real: RealCluster
+    pods: list[dict[str, Any]]
+    monitoring: Monitoring
+    token: str
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        return self.monitoring.query(expr)
+
+
+@pytest.fixture(scope="module")
+def monitored(real_cluster: RealCluster, tmp_path_factory: pytest.TempPathFactory
+              ) -> Iterator[Monitored]:
     reason = monitoring_missing()
     if reason:
         missing("Prometheus and Alertmanager", reason)
-    real = real_cluster
+    real, work = real_cluster, tmp_path_factory.mktemp("monitored")
     token = os.urandom(16).hex()
-    (tmp_path / "token").write_text(token)
+    (work / "token").write_text(token)
+    # The README's steps: the token Secret, then the install with remediation turned on.
     real.kubectl("create", "namespace", NAMESPACE)
     real.kubectl("-n", NAMESPACE, "create", "secret", "generic",
                  "coredns-health-exporter-webhook", f"--from-literal=token={token}")
-    user = overlay(tmp_path / "overlay", {"remediation": "evict", "interval": "1",
-                                          "timeout": "0.5"})
+    user = overlay(work / "overlay", {"remediation": "evict", "interval": "1",
+                                      "timeout": "0.5"})
     netns = real.cluster.netns
     assert netns is not None
     with applied(real, user) as pods:
-        before = {p["metadata"]["name"]: p for p in real.coredns_pods()}
-        sick = sorted(before)[0]
         service = real.cluster.api(
             "GET", f"/api/v1/namespaces/{NAMESPACE}/services/coredns-health-exporter")
         assert service is not None
         monitoring = Monitoring(
-            netns, tmp_path / "monitoring", "", tmp_path / "token", rules(FAST_RULES),
+            netns, work / "monitoring", "", work / "token", rules(FAST_RULES),
             scrape_configs=[{
                 "job_name": "coredns-health-exporter", "honor_labels": True,
                 "static_configs": [{"targets": [f"{p['status']['podIP']}:9953"
                                                 for p in pods]}]}],
             webhook=f"{service['spec']['clusterIP']}:9953")
         try:
-            await _break_and_watch(real, monitoring, sick, set(before))
+            yield Monitored(real, pods, monitoring, token)
         finally:
             monitoring.stop()
+
+
+def ready_coredns(real: RealCluster) -> dict[str, dict[str, Any]]:
+    """The CoreDNS pods that are Ready and not being deleted, by name."""
+    return {p["metadata"]["name"]: p for p in real.coredns_pods()
+            if not p["metadata"].get("deletionTimestamp") and any(
+                c["type"] == "Ready" and c["status"] == "True"
+                for c in p["status"].get("conditions", []))}
+
+
+async def every_pod_answering(m: Monitored) -> set[str]:
+    """Wait until Prometheus sees every Ready CoreDNS pod answer UDP and TCP, to each of
+    the two exporters, and no other pod; the pods' names."""
+    def settled() -> bool:
+        names = set(ready_coredns(m.real))
+        seen = m.query('dnsprobe_success{job="coredns-health-exporter", kind="pod"} == 1')
+        every = m.query('dnsprobe_success{job="coredns-health-exporter", kind="pod"}')
+        return (len(names) == 3 and len(seen) == len(every) == 4 * len(names)
+                and {r["metric"]["pod"] for r in every} == names)
+
+    assert await wait_until(settled, 90), m.query("dnsprobe_success")
+    return set(ready_coredns(m.real))
+
+
+async def test_rollout_restart_evicts_nothing_and_series_follow_the_pods(
+        monitored: Monitored) -> None:
+    """`kubectl rollout restart` of CoreDNS: no alert, no eviction; the series follow the
+    new pods. A pod being deleted is Terminating with its grace period, and an alert for
+    it is skipped as such."""
+    m, real = monitored, monitored.real
+    before = await every_pod_answering(m)
+    real.kubectl("-n", "kube-system", "rollout", "restart", "deployment/coredns")
+    real.kubectl("-n", "kube-system", "rollout", "status", "deployment/coredns",
+                 "--timeout=180s", timeout=190)
+    after = await every_pod_answering(m)
+    assert not after & before
+    assert not m.query('ALERTS{alertname=~"CoreDNS.*"}'), m.query("ALERTS")
+    assert not m.query('dnsprobe_remediations_total{action="evict"} > 0')
+    assert not evictions(real)
+
+    # A pod held Terminating (a finalizer keeps its object after its containers stop).
+    held = sorted(after)[0]
+    path = f"/api/v1/namespaces/kube-system/pods/{held}"
+    real.kubectl("-n", "kube-system", "patch", "pod", held, "--type=merge",
+                 "-p", '{"metadata":{"finalizers":["coredns-health-exporter.test/hold"]}}')
+    try:
+        real.kubectl("-n", "kube-system", "delete", "pod", held, "--wait=false")
+        pod = real.cluster.api("GET", path)
+        assert pod is not None and pod["metadata"]["deletionTimestamp"]
+        assert pod["metadata"]["deletionGracePeriodSeconds"] == 30
+        shown = real.kubectl("-n", "kube-system", "get", "pod", held)
+        assert "Terminating" in shown, shown
+        status, answer = await post_alert(m, held)
+        assert status == 200, answer
+        assert [(d["pod"], d["action"], d["result"]) for d in answer["decisions"]] == [
+            (held, "skip", "terminating")], answer
+    finally:
+        real.kubectl("-n", "kube-system", "patch", "pod", held, "--type=json",
+                     "-p", '[{"op":"remove","path":"/metadata/finalizers"}]')
+    assert not evictions(real)
+
+
+async def post_alert(m: Monitored, pod: str) -> tuple[int, Any]:
+    """Post Alertmanager's payload for CoreDNSPodUDPFailing on `pod` to an exporter."""
+    address = m.real.cluster.expose(f"{m.pods[0]['status']['podIP']}:9953")
+    now = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+    body = {"version": "4", "groupKey": "{}:{pod}", "status": "firing",
+            "receiver": "coredns-health-exporter", "groupLabels": {}, "commonLabels": {},
+            "commonAnnotations": {}, "externalURL": "http://alertmanager",
+            "truncatedAlerts": 0, "alerts": [{
+                "status": "firing", "startsAt": now, "endsAt": "0001-01-01T00:00:00Z",
+                "fingerprint": os.urandom(8).hex(), "generatorURL": "",
+                "annotations": {}, "labels": {"alertname": "CoreDNSPodUDPFailing",
+                                              "namespace": "kube-system", "pod": pod}}]}
+    async with aiohttp.ClientSession() as session, session.post(
+            f"http://{address}/webhook/alertmanager", json=body,
+            headers={"Authorization": f"Bearer {m.token}"}) as response:
+        return response.status, await response.json()
+
+
+async def test_udp_dead_pod_is_alerted_evicted_and_replaced(monitored: Monitored) -> None:
+    """UDP/53 broken inside one CoreDNS pod's own network namespace: its UDP series fail
+    while TCP passes; the shipped alert fires in a real Prometheus, Alertmanager calls the
+    webhook, the pod is evicted (policy/v1, its PDB honoured), the ReplicaSet's
+    replacement is scheduled, started and probed, the old pod's series vanish. Once."""
+    before = await every_pod_answering(monitored)
+    await _break_and_watch(monitored.real, monitored.monitoring, sorted(before)[0], before)
 
 
 async def _break_and_watch(real: RealCluster, monitoring: Monitoring, sick: str,
@@ -213,10 +313,6 @@ async def _break_and_watch(real: RealCluster, monitoring: Monitoring, sick: str,
     def query(expr: str) -> list[dict[str, Any]]:
         return monitoring.query(expr)
 
-    # Prometheus sees every pod answering first.
-    assert await wait_until(lambda: len(query(
-        'dnsprobe_success{job="coredns-health-exporter", kind="pod"} == 1')) == 12, 60), \
-        query("dnsprobe_success")
     real.node.in_pod_network("kube-system", sick, [
         "iptables", "-A", "INPUT", "-p", "udp", "--dport", "53", "-j", "DROP"])
     assert await wait_until(lambda: bool(query(
