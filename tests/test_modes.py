@@ -1,16 +1,16 @@
 """The four ways to reach CoreDNS, and `--mode auto` choosing among them.
 
-Against the real test cluster: the exporter runs in a namespace outside the cluster
-network (it reaches the API server and the node's outside address, no pod or Service IP),
-with credentials that allow exactly one mode, and must pick that mode, probe through it
-and export correct series. Pod logs and port-forwards go through the real API server
-(its RBAC, its proxying) to the stand-in kubelet of tests/harness/kubelet.py.
+Against the lab on the test API server: the exporter runs in a namespace outside the
+cluster network (it reaches the API server and the node's outside address, no pod or
+Service IP), with credentials that allow exactly one mode, and must pick that mode, probe
+through it and export correct series (nodeport, in-cluster), or say why no mode can.
+probe-pod and port-forward mode need a kubelet and a container runtime: they are tested
+on the real node, in tests/test_real_outside.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -19,9 +19,7 @@ from typing import Any
 from exporter import kube
 from exporter.probepod import LABELS, ProbePod
 from tests.conftest import LabExporter
-from tests.harness.cluster import KUBERNETES_CLUSTER_IP
 from tests.harness.exporter import Exporter
-from tests.harness.kubelet import TEST_IMAGE
 from tests.harness.lab import LB_ADDRESS, NODE_OUTSIDE, Lab
 from tests.harness.scrape import samples, scrape_until, wait_until
 
@@ -113,51 +111,6 @@ async def test_auto_picks_nodeport_when_only_services_and_nodes_may_be_read(
                                        node="node-a").values())
 
 
-async def test_auto_picks_probe_pod_when_pods_may_be_created(
-    lab: Lab, lab_exporter: LabExporter
-) -> None:
-    lab.start_kubelet()
-    healthy, udp_dead = lab.add_pod(), lab.add_pod()
-    udp_dead.netns.drop("udp", 53)
-    cluster_ip = lab.create_service()
-    token = lab.apply_deploy_rbac(OUTSIDE / "probe-pod.yaml")
-
-    exporter = start_outside(lab, lab_exporter, token, "--probe-pod-namespace", lab.namespace,
-                             "--probe-pod-image", TEST_IMAGE)
-    decision = chosen(exporter)
-    assert decision["mode"] == "probe-pod", decision
-    assert "answered DNS from here" in decision["skipped"]["in-cluster"]
-    assert "not allowed to list nodes" in decision["skipped"]["nodeport"]
-
-    wanted = {
-        ("pod", healthy.name, "node-a", f"{healthy.ip}:53", "udp"): 1.0,
-        ("pod", healthy.name, "node-a", f"{healthy.ip}:53", "tcp"): 1.0,
-        ("pod", udp_dead.name, "node-a", f"{udp_dead.ip}:53", "udp"): 0.0,
-        ("pod", udp_dead.name, "node-a", f"{udp_dead.ip}:53", "tcp"): 1.0,
-        ("service", "kube-dns", "", f"{cluster_ip}:53", "tcp"): 1.0,
-    }
-    body = await scrape_until(
-        exporter.url, lambda b: all(success(b).get(k) == v for k, v in wanted.items()),
-        deadline=60)
-    got = success(body)
-    assert all(got.get(k) == v for k, v in wanted.items()), got
-    assert mode_of(body) == ["probe-pod"]
-    assert next(s.value for s in samples(body) if s.name == "dnsprobe_probe_pod_runs_total"
-                and s.labels["result"] == "success") >= 1
-    # The expectation read from the API went into the pod: the default query passed.
-    assert any(s.labels["query"] == "kubernetes" for s in samples(body)
-               if s.name == "dnsprobe_success")
-
-    # Every probe pod is deleted once read; none is left when the exporter stops.
-    exporter.stop()
-    selector = ",".join(f"{k}={v}" for k, v in LABELS.items())
-
-    def no_probe_pods() -> bool:
-        return not lab.core.list_namespaced_pod(lab.namespace, label_selector=selector).items
-
-    assert await wait_until(no_probe_pods, 30)
-
-
 async def test_a_failed_probe_pod_round_is_counted_said_and_leaves_no_stale_series(
     lab: Lab, lab_exporter: LabExporter
 ) -> None:
@@ -208,43 +161,6 @@ async def test_probe_pod_leftovers_of_this_instance_are_removed(lab: Lab) -> Non
     client.close()
 
 
-async def test_auto_picks_port_forward_when_only_pods_may_be_forwarded(
-    lab: Lab, lab_exporter: LabExporter
-) -> None:
-    lab.start_kubelet()
-    healthy, tcp_dead, stopped = lab.add_pod(), lab.add_pod(), lab.add_pod()
-    tcp_dead.netns.drop("tcp", 53)
-    stopped.server.stop()  # nothing listens: the kubelet's connect is refused
-    lab.create_service()
-    token = lab.apply_deploy_rbac(OUTSIDE / "port-forward.yaml")
-
-    exporter = start_outside(lab, lab_exporter, token)
-    decision = chosen(exporter)
-    assert decision["mode"] == "port-forward", decision
-    assert "not allowed to create pods" in decision["skipped"]["probe-pod"]
-    assert "UDP cannot be forwarded" in decision["means"]
-
-    wanted = {
-        ("pod", healthy.name, "node-a", f"{healthy.ip}:53", "tcp"): 1.0,
-        ("pod", tcp_dead.name, "node-a", f"{tcp_dead.ip}:53", "tcp"): 0.0,
-        ("pod", stopped.name, "node-a", f"{stopped.ip}:53", "tcp"): 0.0,
-    }
-    body = await scrape_until(
-        exporter.url, lambda b: all(success(b).get(k) == v for k, v in wanted.items()))
-    got = success(body)
-    assert got == wanted, got  # TCP alone, pods alone: nothing else is claimed
-    assert mode_of(body) == ["port-forward"]
-    dead = [s for s in samples(body) if s.name == "dnsprobe_probes_total"
-            and s.labels["pod"] == tcp_dead.name and s.value > 0]
-    assert {s.labels["result"] for s in dead} == {"timeout"}
-    refused = [s for s in samples(body) if s.name == "dnsprobe_probes_total"
-               and s.labels["pod"] == stopped.name and s.value > 0]
-    assert {s.labels["result"] for s in refused} == {"unreachable"}
-    latency = [s for s in samples(body) if s.name == "dnsprobe_duration_seconds_count"
-               and s.labels["pod"] == healthy.name]
-    assert latency and latency[0].value >= 1
-
-
 async def test_auto_picks_in_cluster_where_pod_ips_answer(
     lab: Lab, lab_exporter: LabExporter
 ) -> None:
@@ -279,28 +195,6 @@ async def test_no_mode_allowed_is_said_and_retried_not_a_crash(
     assert exporter.process.poll() is None  # still serving, not ready
     body = await scrape_until(exporter.url, lambda b: True)
     assert mode_of(body) == []
-
-
-def test_check_json_through_probe_pod_labels_results_as_direct(lab: Lab) -> None:
-    lab.start_kubelet()
-    pod = lab.add_pod()
-    lab.create_service()
-    token = lab.apply_deploy_rbac(OUTSIDE / "probe-pod.yaml")
-    kubeconfig = lab.kubeconfig(token, "check")
-    outside = lab.outside()
-    result = subprocess.run(
-        outside.command([sys.executable, "-m", "exporter", "check", "--json", "--kubeconfig",
-                         str(kubeconfig), "--namespace", lab.namespace, "--mode", "probe-pod",
-                         "--probe-pod-namespace", lab.namespace, "--probe-pod-image", TEST_IMAGE,
-                         "--timeout", "0.5"]),
-        capture_output=True, text=True, timeout=120, check=False)
-    assert result.returncode == 0, result.stderr
-    records = json.loads(result.stdout)["results"]
-    by = {(r["kind"], r["pod"], r["protocol"]): r for r in records}
-    assert by[("pod", pod.name, "udp")]["success"] is True
-    assert by[("pod", pod.name, "udp")]["node"] == "node-a"
-    assert by[("pod", pod.name, "udp")]["answers"] == [KUBERNETES_CLUSTER_IP]
-    assert {r["kind"] for r in records} == {"service", "pod"}
 
 
 def test_a_bad_mode_is_a_usage_error() -> None:

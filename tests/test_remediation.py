@@ -19,8 +19,8 @@ import pytest
 from tests.conftest import LabExporter
 from tests.harness.cluster import ADMIN_TOKEN
 from tests.harness.exporter import Exporter
-from tests.harness.kubelet import TEST_IMAGE
 from tests.harness.lab import Lab, Pod
+from tests.harness.node import EXPORTER_IMAGE
 from tests.harness.scrape import samples
 
 RBAC = Path(__file__).resolve().parents[1] / "deploy" / "base" / "rbac.yaml"
@@ -410,7 +410,6 @@ async def test_outside_the_cluster_nothing_is_restarted_unconfirmed(
 ) -> None:
     """From outside, a pod cannot be probed over UDP to confirm the alert: even with every
     permission, the exporter skips (cannot_confirm)."""
-    lab.start_kubelet()
     sick, _ = sick_and_healthy(lab)
     exporter = lab_exporter(ADMIN_TOKEN, *FAST, "--remediation", "evict", "--mode",
                             "port-forward", "--webhook-token-file", str(token_file),
@@ -435,28 +434,8 @@ def outside_probe_pod(lab: Lab, lab_exporter: LabExporter, token_file: Path,
     token = lab.apply_deploy_rbac(*PROBE_POD_RBAC)
     return lab_exporter(token, *FAST, "--mode", "probe-pod", "--remediation", "evict",
                         "--probe-pod-namespace", probe_pod_namespace,
-                        "--probe-pod-image", TEST_IMAGE,
+                        "--probe-pod-image", EXPORTER_IMAGE,
                         "--webhook-token-file", str(token_file), netns=lab.outside())
-
-
-async def test_in_probe_pod_mode_a_probe_pod_confirms_before_anything_is_restarted(
-    lab: Lab, lab_exporter: LabExporter, token_file: Path
-) -> None:
-    """From outside, with pods allowed, the sick pod is probed over UDP from a probe pod
-    in the cluster: the healthy pod answers it (skipped), the UDP-dead one does not
-    (evicted). The exporter reaches no pod IP itself, so a direct probe would have failed
-    both."""
-    lab.start_kubelet()
-    sick, healthy = sick_and_healthy(lab)
-    exporter = outside_probe_pod(lab, lab_exporter, token_file, lab.namespace)
-    status, answer = await post(exporter, payload(alert(healthy, lab.namespace)))
-    assert status == 200, answer
-    assert results(answer) == [(healthy.name, "skip", "healthy")]
-    status, answer = await post(exporter, payload(alert(sick, lab.namespace)))
-    assert status == 200, answer
-    assert results(answer) == [(sick.name, "evict", "success")]
-    assert evicted(lab, sick) and not evicted(lab, healthy)
-    assert [e["reason"] for e in events(lab, sick)] == ["CoreDNSPodEvicted"]
 
 
 async def test_in_probe_pod_mode_a_confirming_pod_that_cannot_run_restarts_nothing(

@@ -266,9 +266,8 @@ class Cluster:
             "--service-cluster-ip-range", SERVICE_CIDR,
             "--kubelet-client-certificate", str(self.pki / "kubelet-client.crt"),
             "--kubelet-client-key", str(self.pki / "kubelet-client.key"),
-            # InternalDNS first for the lab's stand-in kubelet (harness/lab.py); real nodes
-            # have none and are reached at their InternalIP, as kubeadm configures it.
-            "--kubelet-preferred-address-types", "InternalDNS,InternalIP,Hostname",
+            # As kubeadm configures it: a node's own name need not resolve.
+            "--kubelet-preferred-address-types", "InternalIP,ExternalIP,Hostname",
         ])
         self._await_api(self.apiserver, timeout)
 
@@ -340,14 +339,6 @@ class Cluster:
                                 context=context)
         finally:
             relay.stop()
-
-    def relay_into(self, address: str) -> str:
-        """An address inside the cluster namespace (NODE_IP:port) that leads to `address`
-        on the machine's loopback: for the stand-in kubelet the API server must reach."""
-        assert self.netns is not None
-        relay = Relay.start(self.netns.path, f"{NODE_IP}:0", "-", address)
-        self._relays.append(relay)
-        return relay.address
 
     def expose(self, address: str) -> str:
         """An address on the machine's loopback leading to `address` in the cluster

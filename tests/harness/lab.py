@@ -17,8 +17,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-import subprocess
-import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -32,7 +30,6 @@ from exporter.kube import Client as ExporterClient
 
 from . import coredns
 from .cluster import Cluster
-from .components import stop_process
 from .netns import NetNS
 from .relay import Relay
 
@@ -81,9 +78,6 @@ class Lab:
         self._others: list[Pod] = []  # pods in other namespaces
         self._cleanup: list[tuple[str, str, str]] = []  # objects outside our namespaces
         self._raw: ExporterClient | None = None
-        self._kubelet: subprocess.Popen[str] | None = None
-        self.kubelet_host = ""
-        self.kubelet_port = 0
         self._nodes: set[str] = set()
         self.outside_ns: NetNS | None = None
         self.exposed: list[tuple[str, int, str]] = []  # (address, port, proto) DNATed to pods
@@ -199,44 +193,12 @@ class Lab:
         self._point_node(name)
 
     def _point_node(self, name: str) -> None:
-        """Write the node's status as its kubelet would: where the API server reaches the
-        kubelet (Hostname first in its preferred address types) and the node's address
-        outside the cluster network, once there is one."""
-        if not self.kubelet_port and self.outside_ns is None:
+        """Write the node's address outside the cluster network (its InternalIP, where
+        nodeport mode probes), once there is one, as its kubelet would."""
+        if self.outside_ns is None:
             return
-        # The API server prefers InternalDNS, then InternalIP: the stand-in is found by
-        # the relay's address in the cluster namespace, while InternalIP stays the node's
-        # address outside the cluster network (where nodeport mode probes).
-        addresses = [{"type": "InternalDNS", "address": self.kubelet_host or NODE_ADDRESS}]
-        if self.outside_ns is not None:
-            addresses.append({"type": "InternalIP", "address": NODE_OUTSIDE})
         self.core.patch_node_status(name, {"status": {
-            "addresses": addresses,
-            "daemonEndpoints": {"kubeletEndpoint": {"Port": self.kubelet_port or 10250}},
-        }})
-
-    # -- outside the cluster ------------------------------------------------------------
-
-    def start_kubelet(self, node: str = "node-a") -> None:
-        """The stand-in kubelet (harness/kubelet.py) in the node namespace, reachable by
-        the API server through a relay on the machine's loopback."""
-        kubeconfig = self.admin_kubeconfig()
-        pki = self.cluster.pki
-        command = self.node.command([
-            sys.executable, "-m", "tests.harness.kubelet", str(kubeconfig),
-            str(pki / "apiserver.crt"), str(pki / "apiserver.key"), node, NODE_ADDRESS])
-        self._kubelet = subprocess.Popen(command, stdout=subprocess.PIPE, text=True,
-                                         cwd=_REPO)
-        assert self._kubelet.stdout is not None
-        line = self._kubelet.stdout.readline()
-        if not line.startswith("listening "):
-            raise RuntimeError(f"the stand-in kubelet did not start: {line!r}")
-        relayed = self.cluster.relay_into(self.node.expose(line.split()[1]))
-        self.kubelet_host, port = relayed.rsplit(":", 1)
-        self.kubelet_port = int(port)
-        self.ensure_node(node)
-        for name in self._nodes:
-            self._point_node(name)
+            "addresses": [{"type": "InternalIP", "address": NODE_OUTSIDE}]}})
 
     def outside(self) -> NetNS:
         """A namespace outside the cluster network: it reaches the node at NODE_OUTSIDE
@@ -266,7 +228,7 @@ class Lab:
                                protocols: tuple[str, ...] = ("UDP", "TCP")) -> dict[str, Any]:
         """A NodePort or LoadBalancer Service in front of the CoreDNS pods, routed as
         kube-proxy does (node port on NODE_OUTSIDE; the LB's ingress IP LB_ADDRESS).
-        Kubernetes 1.20 refuses a LoadBalancer with both protocols: give it one."""
+        `protocols` are its ports' (a LoadBalancer may mix UDP and TCP since 1.26)."""
         names = {"UDP": "dns", "TCP": "dns-tcp"}
         body = {
             "metadata": {"name": name},
@@ -501,8 +463,6 @@ class Lab:
         return token
 
     def close(self) -> None:
-        if self._kubelet is not None:
-            stop_process(self._kubelet)
         if self.outside_ns is not None:
             self.outside_ns.delete()
         for kind, ns, name in self._cleanup:

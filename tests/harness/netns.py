@@ -61,6 +61,11 @@ class NetNS:
         self._relays.append(relay)
         return relay.address
 
+    def reach_out(self, listen: str, connect: str) -> None:
+        """Listen at `listen` inside this namespace and connect to `connect` on the
+        machine's loopback (the API server, for an exporter outside the cluster)."""
+        self._relays.append(Relay.start(self.path, listen, "-", connect))
+
     def delete(self) -> None:
         for relay in self._relays:
             relay.stop()
