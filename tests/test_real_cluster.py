@@ -23,7 +23,6 @@ from tests.harness.cluster import CLUSTER_DNS, KUBE_BIN, KUBERNETES_CLUSTER_IP
 from tests.harness.components import missing
 from tests.harness.monitoring import Monitoring
 from tests.harness.monitoring import binaries_missing as monitoring_missing
-from tests.harness.node import EXPORTER_IMAGE
 from tests.harness.realcluster import RealCluster
 from tests.harness.scrape import samples, scrape_until, wait_until
 from tests.test_e2e import FAST_RULES
@@ -62,23 +61,11 @@ def test_coredns_answers_from_the_real_api(real_cluster: RealCluster) -> None:
     assert all(KUBERNETES_CLUSTER_IP in " ".join(r["answers"]) for r in results), results
 
 
-def rendered_image() -> str:
-    """The exporter image `kubectl apply -k deploy/` asks for."""
-    text = subprocess.run([str(KUBE_BIN / "kubectl"), "kustomize", str(REPO / "deploy")],
-                          capture_output=True, text=True, check=True, timeout=60).stdout
-    for doc in yaml.safe_load_all(text):
-        if doc and doc["kind"] == "Deployment":
-            image: str = doc["spec"]["template"]["spec"]["containers"][0]["image"]
-            return image
-    raise AssertionError("deploy/ renders no Deployment")
-
-
 @contextlib.contextmanager
 def applied(real: RealCluster, kustomization: Path) -> Iterator[list[dict[str, Any]]]:
-    """`kubectl apply -k` as a user runs it, the node holding the image under the name
-    deploy/ gives it; yields the exporter's pods once the rollout is complete; deletes
+    """`kubectl apply -k` as a user runs it (the node has the image under the name
+    deploy/ gives it); yields the exporter's pods once the rollout is complete; deletes
     everything after."""
-    real.node.tag(EXPORTER_IMAGE, rendered_image())
     try:
         real.kubectl("apply", "-k", str(kustomization))
         real.kubectl("-n", NAMESPACE, "rollout", "status",
@@ -354,3 +341,27 @@ async def _break_and_watch(real: RealCluster, monitoring: Monitoring, sick: str,
         a for a in monitoring.firing() if a["labels"].get("pod") == sick], 60)
     assert query('sum(dnsprobe_remediations_total{action="evict", result="success"}) == 1')
     assert len(evictions(real)) == 1
+
+
+async def test_daemonset_overlay_probes_from_the_node(real_cluster: RealCluster) -> None:
+    """`kubectl apply -k deploy/overlays/daemonset`: one exporter per node beside the
+    Deployment, admitted under `restricted`, probing every CoreDNS pod from its node."""
+    real = real_cluster
+    with applied(real, REPO / "deploy" / "overlays" / "daemonset"):
+        real.kubectl("-n", NAMESPACE, "rollout", "status",
+                     "daemonset/coredns-health-exporter-node", "--timeout=120s", timeout=130)
+        [pod] = real.pods(NAMESPACE, "app.kubernetes.io%2Fname%3Dcoredns-health-exporter-node")
+        assert pod["spec"]["nodeName"] == real.node.name
+        coredns = ready_coredns(real)
+
+        def probed_all(body: str) -> bool:
+            ok = [s for s in samples(body) if s.name == "dnsprobe_success"
+                  and s.labels["kind"] == "pod" and s.value == 1]
+            return {s.labels["pod"] for s in ok} == set(coredns) and len(ok) == 6
+
+        address = real.cluster.expose(f"{pod['status']['podIP']}:9953")
+        body = await scrape_until(f"http://{address}", probed_all, deadline=60)
+        assert probed_all(body), [s for s in samples(body) if s.name == "dnsprobe_success"]
+        # It only probes: remediation stays with the Deployment.
+        assert not [s for s in samples(body) if s.name == "dnsprobe_remediations_total"
+                    and s.value > 0]

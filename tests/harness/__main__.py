@@ -5,7 +5,9 @@
 Progress goes to stderr; once the cluster is up, three lines go to stdout:
 
     export KUBECONFIG=PATH      the admin's kubeconfig (the API relayed to loopback)
-    IMAGE=NAME                  the exporter image the node has (built from deploy/Dockerfile)
+    IMAGE=NAME                  the exporter image the node has (built from deploy/Dockerfile),
+                                also under the name deploy/ gives it: `kubectl apply -k
+                                deploy/` works as it is
     NODE_NETNS=NAME             the network namespace where Service and pod IPs route
 
 It stays up until SIGINT or SIGTERM, then stops everything it started and leaves no

@@ -48,7 +48,6 @@ ARCHIVES = {"pause.tar": PAUSE_IMAGE, "coredns.tar": COREDNS_IMAGE,
             "exporter.tar": EXPORTER_IMAGE}
 CNI_BIN = Path("/usr/lib/cni")
 NODE_POD_CIDR = "10.244.0.0/24"
-CGROUP_ROOT = "/coredns-health-exporter-test"
 
 
 def node_missing() -> str | None:
@@ -78,6 +77,12 @@ class Node:
     containerd: Process | None = None
     kubelet: Process | None = None
     kube_proxy: Process | None = None
+
+    @property
+    def cgroup_root(self) -> str:
+        """The kubelet's cgroupRoot: this node's own, so that two test clusters on one
+        machine (a session and scripts/test-cluster) never share one."""
+        return f"/coredns-health-exporter-test-{os.getpid()}-{self.name}"
 
     @property
     def socket(self) -> Path:
@@ -112,14 +117,13 @@ class Node:
         ], log_name=f"kube-proxy-{self.name}")
         self._await_ready(timeout)
 
-    @staticmethod
-    def _make_cgroup_root() -> None:
+    def _make_cgroup_root(self) -> None:
         """The kubelet's cgroupRoot, in every v1 hierarchy (it must exist beforehand);
         a cpuset child starts with no CPUs or memory nodes, so it gets its parent's."""
         for controller in Path("/sys/fs/cgroup").iterdir():
             if controller.name == "unified" or not controller.is_dir():
                 continue
-            top = controller / CGROUP_ROOT.lstrip("/")
+            top = controller / self.cgroup_root.lstrip("/")
             top.mkdir(exist_ok=True)
             if controller.name == "cpuset":
                 for name in ("cpuset.cpus", "cpuset.mems"):
@@ -167,6 +171,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
       runtime_type = "io.containerd.runc.v2"
       [{cri}.containerd.runtimes.runc.options]
         SystemdCgroup = false
+        Root = "{base / 'runc'}"
   [{cri}.cni]
     bin_dir = "{CNI_BIN}"
     conf_dir = "{cni}"
@@ -236,7 +241,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             "authorization": {"mode": "Webhook"},
             "clusterDNS": [CLUSTER_DNS], "clusterDomain": "cluster.local",
             "resolvConf": str(resolv),
-            "cgroupDriver": "cgroupfs", "cgroupRoot": CGROUP_ROOT,
+            "cgroupDriver": "cgroupfs", "cgroupRoot": self.cgroup_root,
             "failCgroupV1": False, "failSwapOn": False,
             "enforceNodeAllocatable": [], "evictionHard": {},
             "localStorageCapacityIsolation": False,
@@ -358,7 +363,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
 
     def _remove_cgroups(self) -> None:
         for controller in Path("/sys/fs/cgroup").iterdir():
-            top = controller / CGROUP_ROOT.lstrip("/")
+            top = controller / self.cgroup_root.lstrip("/")
             if not top.is_dir():
                 continue
             for directory in sorted(top.rglob("*"), key=lambda p: len(p.parts), reverse=True):

@@ -9,13 +9,29 @@ starts one by hand.
 
 from __future__ import annotations
 
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from . import kubedns
-from .cluster import NODE_NAMES, Cluster, Process, binaries_missing
-from .node import Node, node_missing
+from .cluster import KUBE_BIN, NODE_NAMES, Cluster, Process, binaries_missing
+from .node import EXPORTER_IMAGE, Node, node_missing
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def deploy_image() -> str:
+    """The exporter image `kubectl apply -k deploy/` asks for."""
+    text = subprocess.run([str(KUBE_BIN / "kubectl"), "kustomize", str(REPO / "deploy")],
+                          capture_output=True, text=True, check=True, timeout=60).stdout
+    for doc in yaml.safe_load_all(text):
+        if doc and doc["kind"] == "Deployment":
+            image: str = doc["spec"]["template"]["spec"]["containers"][0]["image"]
+            return image
+    raise RuntimeError("deploy/ renders no Deployment")
 
 
 def missing() -> str | None:
@@ -36,7 +52,10 @@ class RealCluster:
         steps = (("control plane", self.cluster.start),
                  ("upstream resolver", self._start_upstream),
                  ("node", self.node.start),
-                 ("CoreDNS", lambda: kubedns.install(self.cluster)))
+                 ("CoreDNS", lambda: kubedns.install(self.cluster)),
+                 # `kubectl apply -k deploy/` then runs as it is: the node has the image
+                 # under the name deploy/ asks for.
+                 ("image name", lambda: self.node.tag(EXPORTER_IMAGE, deploy_image())))
         for name, step in steps:
             began = time.monotonic()
             step()
