@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from alerts.generate import rules
-from tests.harness.cluster import CLUSTER_DNS, KUBE_BIN, KUBERNETES_CLUSTER_IP
+from tests.harness.cluster import CLUSTER_DNS, KUBE_BIN, KUBERNETES_CLUSTER_IP, NODE_NAMES
 from tests.harness.components import missing
 from tests.harness.monitoring import Monitoring
 from tests.harness.monitoring import binaries_missing as monitoring_missing
@@ -45,7 +45,8 @@ def check_inside(real: RealCluster, *args: str) -> subprocess.CompletedProcess[s
 def test_coredns_answers_from_the_real_api(real_cluster: RealCluster) -> None:
     pods = real_cluster.coredns_pods()
     assert len(pods) == 3
-    assert {p["spec"]["nodeName"] for p in pods} == {real_cluster.node.name}
+    assert {p["spec"]["nodeName"] for p in pods} <= set(NODE_NAMES)
+    node_of = {f"{p['status']['podIP']}:53": p["spec"]["nodeName"] for p in pods}
     done = check_inside(real_cluster, "--mode", "in-cluster")
     assert done.returncode == 0, done.stdout + done.stderr
     results = json.loads(done.stdout)["results"]
@@ -54,7 +55,7 @@ def test_coredns_answers_from_the_real_api(real_cluster: RealCluster) -> None:
         assert r["outcome"] == "success", r
         by_kind.setdefault(r["kind"], set()).add(r["address"])
         if r["kind"] == "pod":
-            assert r["node"] == real_cluster.node.name, r
+            assert r["node"] == node_of[r["address"]], r
     assert by_kind["service"] == {f"{CLUSTER_DNS}:53"}
     assert by_kind["pod"] == {f"{p['status']['podIP']}:53" for p in pods}
     # the default query's expected answer is the real `kubernetes` Service's ClusterIP
@@ -87,10 +88,11 @@ async def test_kubectl_apply_k_deploy_runs_the_image_and_probes_every_pod(
         real_cluster: RealCluster, installed: list[dict[str, Any]]) -> None:
     pods = installed
     assert len(pods) == 2
+    # Spread over the nodes, as the Deployment's anti-affinity asks.
+    assert {p["spec"]["nodeName"] for p in pods} == set(NODE_NAMES)
     for pod in pods:
         spec = pod["spec"]
         assert spec["serviceAccountName"] == "coredns-health-exporter"
-        assert spec["nodeName"] == real_cluster.node.name
         ready = {c["type"]: c["status"] for c in pod["status"]["conditions"]}
         assert ready["Ready"] == "True", pod["status"]
         status = pod["status"]["containerStatuses"][0]
@@ -122,7 +124,7 @@ async def test_kubectl_apply_k_deploy_runs_the_image_and_probes_every_pod(
             series = pod_series[(f"{ip}:53", protocol)]
             assert series.value == 1, series
             assert series.labels["pod"] == pod["metadata"]["name"]
-            assert series.labels["node"] == real_cluster.node.name
+            assert series.labels["node"] == pod["spec"]["nodeName"]
             assert series.labels["namespace"] == "kube-system"
     service = {s.labels["protocol"]: s.value for s in success
                if s.labels["kind"] == "service" and s.labels["address"] == f"{CLUSTER_DNS}:53"}
@@ -300,7 +302,7 @@ async def _break_and_watch(real: RealCluster, monitoring: Monitoring, sick: str,
     def query(expr: str) -> list[dict[str, Any]]:
         return monitoring.query(expr)
 
-    real.node.in_pod_network("kube-system", sick, [
+    real.in_pod_network(sick, [
         "iptables", "-A", "INPUT", "-p", "udp", "--dport", "53", "-j", "DROP"])
     assert await wait_until(lambda: bool(query(
         f'dnsprobe_success{{pod="{sick}", protocol="udp"}} == 0')), 30)
@@ -344,14 +346,15 @@ async def _break_and_watch(real: RealCluster, monitoring: Monitoring, sick: str,
 
 
 async def test_daemonset_overlay_probes_from_the_node(real_cluster: RealCluster) -> None:
-    """`kubectl apply -k deploy/overlays/daemonset`: one exporter per node beside the
-    Deployment, admitted under `restricted`, probing every CoreDNS pod from its node."""
+    """`kubectl apply -k deploy/overlays/daemonset`: one exporter on each node beside the
+    Deployment, admitted under `restricted`, each probing every CoreDNS pod from its
+    node; the node a probe was sent from is its pod's (Prometheus adds `source_node`)."""
     real = real_cluster
     with applied(real, REPO / "deploy" / "overlays" / "daemonset"):
         real.kubectl("-n", NAMESPACE, "rollout", "status",
                      "daemonset/coredns-health-exporter-node", "--timeout=120s", timeout=130)
-        [pod] = real.pods(NAMESPACE, "app.kubernetes.io%2Fname%3Dcoredns-health-exporter-node")
-        assert pod["spec"]["nodeName"] == real.node.name
+        pods = real.pods(NAMESPACE, "app.kubernetes.io%2Fname%3Dcoredns-health-exporter-node")
+        assert sorted(p["spec"]["nodeName"] for p in pods) == sorted(NODE_NAMES)
         coredns = ready_coredns(real)
 
         def probed_all(body: str) -> bool:
@@ -359,9 +362,10 @@ async def test_daemonset_overlay_probes_from_the_node(real_cluster: RealCluster)
                   and s.labels["kind"] == "pod" and s.value == 1]
             return {s.labels["pod"] for s in ok} == set(coredns) and len(ok) == 6
 
-        address = real.cluster.expose(f"{pod['status']['podIP']}:9953")
-        body = await scrape_until(f"http://{address}", probed_all, deadline=60)
-        assert probed_all(body), [s for s in samples(body) if s.name == "dnsprobe_success"]
-        # It only probes: remediation stays with the Deployment.
-        assert not [s for s in samples(body) if s.name == "dnsprobe_remediations_total"
-                    and s.value > 0]
+        for pod in pods:
+            address = real.cluster.expose(f"{pod['status']['podIP']}:9953")
+            body = await scrape_until(f"http://{address}", probed_all, deadline=60)
+            assert probed_all(body), [s for s in samples(body) if s.name == "dnsprobe_success"]
+            # It only probes: remediation stays with the Deployment.
+            assert not [s for s in samples(body) if s.name == "dnsprobe_remediations_total"
+                        and s.value > 0]

@@ -70,10 +70,10 @@ def udp_dead(real_cluster: RealCluster) -> Iterator[str]:
     rule is removed after (if the pod is still there)."""
     name = sorted(ready_coredns(real_cluster))[0]
     rule = ["INPUT", "-p", "udp", "--dport", "53", "-j", "DROP"]
-    real_cluster.node.in_pod_network("kube-system", name, ["iptables", "-A", *rule])
+    real_cluster.in_pod_network(name, ["iptables", "-A", *rule])
     yield name
     if name in ready_coredns(real_cluster):
-        real_cluster.node.in_pod_network("kube-system", name, ["iptables", "-D", *rule])
+        real_cluster.in_pod_network(name, ["iptables", "-D", *rule])
 
 
 def serve_outside(outside: NetNS, kubeconfig: Path, *args: str) -> Exporter:
@@ -92,8 +92,7 @@ async def test_probe_pod_mode_runs_the_image_as_a_restricted_pod(
         assert decision["mode"] == "probe-pod", decision
         assert "not allowed to list nodes" in decision["skipped"]["nodeport"]
         pods = ready_coredns(real_cluster)
-        node = real_cluster.node.name
-        wanted = {("pod", name, node, f"{p['status']['podIP']}:53", protocol):
+        wanted = {("pod", name, p["spec"]["nodeName"], f"{p['status']['podIP']}:53", protocol):
                   0.0 if (name, protocol) == (udp_dead, "udp") else 1.0
                   for name, p in pods.items() for protocol in ("udp", "tcp")}
         body = await scrape_until(
@@ -135,7 +134,7 @@ def test_check_json_through_a_probe_pod_labels_results_as_direct(
     for name in pods:
         record = by[("pod", name, "udp")]
         assert record["success"] is True, record
-        assert record["node"] == real_cluster.node.name
+        assert record["node"] == pods[name]["spec"]["nodeName"]
         assert record["answers"] == [KUBERNETES_CLUSTER_IP]
     assert {r["kind"] for r in records} == {"service", "pod"}
 
@@ -146,7 +145,7 @@ async def test_port_forward_mode_goes_through_the_kubelet_and_runtime(
     dropped there times out; the others answer over TCP alone."""
     name = sorted(ready_coredns(real_cluster))[-1]
     rule = ["INPUT", "-p", "tcp", "--dport", "53", "-j", "DROP"]
-    real_cluster.node.in_pod_network("kube-system", name, ["iptables", "-A", *rule])
+    real_cluster.in_pod_network(name, ["iptables", "-A", *rule])
     try:
         kubeconfig = granted(OUTSIDE / "port-forward.yaml")
         exporter = serve_outside(outside, kubeconfig)
@@ -154,8 +153,7 @@ async def test_port_forward_mode_goes_through_the_kubelet_and_runtime(
             decision = chosen(exporter)
             assert decision["mode"] == "port-forward", decision
             assert "UDP cannot be forwarded" in decision["means"]
-            node = real_cluster.node.name
-            wanted = {("pod", pod, node, f"{p['status']['podIP']}:53", "tcp"):
+            wanted = {("pod", pod, p["spec"]["nodeName"], f"{p['status']['podIP']}:53", "tcp"):
                       0.0 if pod == name else 1.0
                       for pod, p in ready_coredns(real_cluster).items()}
             body = await scrape_until(exporter.url, lambda b: success(b) == wanted,
@@ -168,7 +166,7 @@ async def test_port_forward_mode_goes_through_the_kubelet_and_runtime(
         finally:
             exporter.stop()
     finally:
-        real_cluster.node.in_pod_network("kube-system", name, ["iptables", "-D", *rule])
+        real_cluster.in_pod_network(name, ["iptables", "-D", *rule])
 
 
 def test_port_forward_needs_create_as_well_as_get(

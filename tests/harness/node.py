@@ -38,6 +38,7 @@ from .cluster import (
     Process,
 )
 from .components import CACHE
+from .netns import NetNS
 
 IMAGES = CACHE / "images"
 PAUSE_IMAGE = "localhost/coredns-health-exporter-test/pause:3.10"
@@ -69,14 +70,51 @@ def node_missing() -> str | None:
 
 @dataclass
 class Node:
-    """One node of the cluster: its name, address and processes."""
+    """One node of the cluster: its name, address, pod range, network namespace (the
+    cluster's for the first node; one of its own, routed to it, for another: see
+    `elsewhere`) and processes."""
 
     cluster: Cluster
     name: str
     workdir: Path
+    ip: str = NODE_IP
+    pod_cidr: str = NODE_POD_CIDR
+    own_netns: NetNS | None = None
     containerd: Process | None = None
     kubelet: Process | None = None
     kube_proxy: Process | None = None
+
+    @classmethod
+    def elsewhere(cls, cluster: Cluster, name: str, workdir: Path, index: int) -> Node:
+        """Node number `index` (2, 3, ...) in a network namespace of its own, linked to the
+        cluster namespace by a veth pair (10.77.K.1 there, 10.77.K.2 here, K = index - 1),
+        with its pods on 10.244.K.0/24 routed both ways; its default route leads into the
+        cluster namespace, which has none: no packet leaves."""
+        k = index - 1
+        ns = NetNS(f"node{index}")
+        outer = cluster.netns
+        assert outer is not None
+        veth = f"chxn{index}"
+        outer.exec(["ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0",
+                    "netns", ns.name])
+        outer.exec(["ip", "addr", "add", f"10.77.{k}.1/24", "dev", veth])
+        outer.exec(["ip", "link", "set", veth, "up"])
+        outer.exec(["ip", "route", "add", f"10.244.{k}.0/24", "via", f"10.77.{k}.2"])
+        ns.exec(["ip", "addr", "add", f"10.77.{k}.2/24", "dev", "eth0"])
+        ns.exec(["ip", "link", "set", "eth0", "up"])
+        ns.exec(["ip", "route", "add", "default", "via", f"10.77.{k}.1"])
+        return cls(cluster, name, workdir, ip=f"10.77.{k}.2", pod_cidr=f"10.244.{k}.0/24",
+                   own_netns=ns)
+
+    @property
+    def netns(self) -> NetNS:
+        netns = self.own_netns or self.cluster.netns
+        assert netns is not None
+        return netns
+
+    def _start(self, name: str, args: list[str]) -> Process:
+        return Process(name, self.netns.enter(args),
+                       self.cluster.workdir / f"{name}-{self.name}.log")
 
     @property
     def cgroup_root(self) -> str:
@@ -97,24 +135,25 @@ class Node:
 
     def start(self, timeout: float = 120) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        netns = self.cluster.netns
-        assert netns is not None
-        netns.exec(["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+        # Routing between pods, nodes and the control plane.
+        for netns in (self.netns, self.cluster.netns):
+            assert netns is not None
+            netns.exec(["sysctl", "-qw", "net.ipv4.ip_forward=1"])
         self._make_cgroup_root()
         self._start_containerd(timeout)
         self._import_images()
-        self.kubelet = self.cluster.start_process("kubelet", [
+        self.kubelet = self._start("kubelet", [
             str(KUBE_BIN / "kubelet"),
             "--config", str(self._kubelet_config()),
             "--kubeconfig", str(self.cluster.node_kubeconfig(self.name)),
-            "--hostname-override", self.name, "--node-ip", NODE_IP,
+            "--hostname-override", self.name, "--node-ip", self.ip,
             "--root-dir", str(self.workdir / "kubelet"),
             "--cert-dir", str(self.workdir / "kubelet-pki"),
             "-v", "2",
-        ], log_name=f"kubelet-{self.name}")
-        self.kube_proxy = self.cluster.start_process("kube-proxy", [
+        ])
+        self.kube_proxy = self._start("kube-proxy", [
             str(KUBE_BIN / "kube-proxy"), "--config", str(self._proxy_config()),
-        ], log_name=f"kube-proxy-{self.name}")
+        ])
         self._await_ready(timeout)
 
     def _make_cgroup_root(self) -> None:
@@ -137,7 +176,7 @@ class Node:
             "cniVersion": "0.4.0", "name": "chx", "plugins": [
                 {"type": "bridge", "bridge": "cni0", "isGateway": True, "ipMasq": False,
                  "hairpinMode": True,
-                 "ipam": {"type": "host-local", "ranges": [[{"subnet": NODE_POD_CIDR}]],
+                 "ipam": {"type": "host-local", "ranges": [[{"subnet": self.pod_cidr}]],
                           "routes": [{"dst": "0.0.0.0/0"}],
                           "dataDir": str(self.workdir / "cni-ipam")}},
                 {"type": "portmap", "capabilities": {"portMappings": True}},
@@ -176,9 +215,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
     bin_dir = "{CNI_BIN}"
     conf_dir = "{cni}"
 """)
-        self.containerd = self.cluster.start_process(
-            "containerd", ["containerd", "--config", str(config)],
-            log_name=f"containerd-{self.name}")
+        self.containerd = self._start("containerd", ["containerd", "--config", str(config)])
         deadline = time.monotonic() + timeout
         while self.ctr("version", timeout=10).returncode != 0:
             if not self.containerd.alive():
@@ -230,7 +267,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         config = {
             "apiVersion": "kubelet.config.k8s.io/v1beta1",
             "kind": "KubeletConfiguration",
-            "address": NODE_IP, "port": 10250, "readOnlyPort": 0,
+            "address": self.ip, "port": 10250, "readOnlyPort": 0,
             "healthzBindAddress": "127.0.0.1", "healthzPort": 10248,
             "containerRuntimeEndpoint": f"unix://{self.socket}",
             "authentication": {
@@ -249,7 +286,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             "imageGCHighThresholdPercent": 100, "imageGCLowThresholdPercent": 99,
             "serializeImagePulls": False,
             "registerNode": True,
-            "podCIDR": NODE_POD_CIDR,
+            "podCIDR": self.pod_cidr,
             "shutdownGracePeriod": "0s",
         }
         path.write_text(json.dumps(config, indent=2))
@@ -264,7 +301,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
                 "kubeconfig": str(self.cluster.component_kubeconfig("kube-proxy"))},
             "mode": "iptables", "hostnameOverride": self.name,
             "clusterCIDR": POD_CIDR,
-            "bindAddress": NODE_IP,
+            "bindAddress": self.ip,
             "healthzBindAddress": "127.0.0.1:10256",
             "metricsBindAddress": "127.0.0.1:10249",
             "conntrack": {"maxPerCore": 0, "min": 0, "tcpEstablishedTimeout": "0s",
@@ -307,6 +344,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         for path in pod_netns:  # CNI's bind mount of a sandbox's network namespace
             subprocess.run(["ip", "netns", "delete", path.name], capture_output=True,
                            check=False)
+        if self.own_netns is not None:
+            self.own_netns.delete()
 
     def _task_pids(self) -> list[int]:
         """The PIDs containerd recorded for its shims and their tasks."""

@@ -1,7 +1,8 @@
 """The whole test cluster as a user has one: control plane, a real node, CoreDNS as kube-dns.
 
 `RealCluster.start()` brings up, in order: the control plane (harness/cluster.py), the
-upstream resolver, the node worker-1 (harness/node.py), and CoreDNS (harness/kubedns.py),
+upstream resolver, the nodes worker-1 (in the cluster namespace) and worker-2 (in a
+namespace of its own, routed to it; harness/node.py), and CoreDNS (harness/kubedns.py),
 and returns once every CoreDNS replica is Ready behind kube-dns. `stop()` undoes all of
 it. The test session starts one (the `real_cluster` fixture); `scripts/test-cluster`
 starts one by hand.
@@ -45,6 +46,7 @@ class RealCluster:
         self.coredns_bin = coredns_bin
         self.cluster = Cluster(workdir / "control-plane")
         self.node = Node(self.cluster, NODE_NAMES[0], workdir / NODE_NAMES[0])
+        self.nodes = [self.node]  # the second joins in start(): it needs the namespace
         self.upstream: Process | None = None
         self.timings: dict[str, float] = {}
 
@@ -52,20 +54,36 @@ class RealCluster:
         steps = (("control plane", self.cluster.start),
                  ("upstream resolver", self._start_upstream),
                  ("node", self.node.start),
+                 ("second node", self._start_second_node),
                  ("CoreDNS", lambda: kubedns.install(self.cluster)),
                  # `kubectl apply -k deploy/` then runs as it is: the node has the image
                  # under the name deploy/ asks for.
-                 ("image name", lambda: self.node.tag(EXPORTER_IMAGE, deploy_image())))
+                 ("image name", self._tag_deploy_image))
         for name, step in steps:
             began = time.monotonic()
             step()
             self.timings[name] = time.monotonic() - began
 
+    def _start_second_node(self) -> None:
+        name = NODE_NAMES[1]
+        node = Node.elsewhere(self.cluster, name, self.workdir / name, index=2)
+        self.nodes.append(node)
+        node.start()
+
+    def _tag_deploy_image(self) -> None:
+        image = deploy_image()
+        for node in self.nodes:
+            node.tag(EXPORTER_IMAGE, image)
+
+    def node_named(self, name: str) -> Node:
+        return next(n for n in self.nodes if n.name == name)
+
     def _start_upstream(self) -> None:
         self.upstream = kubedns.start_upstream(self.cluster, self.coredns_bin)
 
     def stop(self) -> None:
-        self.node.stop()
+        for node in reversed(self.nodes):
+            node.stop()
         if self.upstream is not None:
             self.upstream.stop()
         self.cluster.stop()
@@ -84,3 +102,9 @@ class RealCluster:
 
     def coredns_pods(self) -> list[dict[str, Any]]:
         return self.pods("kube-system", "k8s-app%3Dkube-dns")
+
+    def in_pod_network(self, pod: str, args: list[str], namespace: str = "kube-system") -> None:
+        """Run `args` (iptables, say) in the pod's own network namespace, on its node."""
+        found = self.cluster.api("GET", f"/api/v1/namespaces/{namespace}/pods/{pod}")
+        assert found is not None
+        self.node_named(found["spec"]["nodeName"]).in_pod_network(namespace, pod, args)
