@@ -362,10 +362,30 @@ async def test_daemonset_overlay_probes_from_the_node(real_cluster: RealCluster)
                   and s.labels["kind"] == "pod" and s.value == 1]
             return {s.labels["pod"] for s in ok} == set(coredns) and len(ok) == 6
 
-        for pod in pods:
-            address = real.cluster.expose(f"{pod['status']['podIP']}:9953")
-            body = await scrape_until(f"http://{address}", probed_all, deadline=60)
+        url = {p["spec"]["nodeName"]: "http://" + real.cluster.expose(
+            f"{p['status']['podIP']}:9953") for p in pods}
+        for node in NODE_NAMES:
+            body = await scrape_until(url[node], probed_all, deadline=60)
             assert probed_all(body), [s for s in samples(body) if s.name == "dnsprobe_success"]
             # It only probes: remediation stays with the Deployment.
             assert not [s for s in samples(body) if s.name == "dnsprobe_remediations_total"
                         and s.value > 0]
+
+        # DNS that fails from one node only: worker-2 loses UDP to one pod of worker-1.
+        far = next(n for n, p in coredns.items() if p["spec"]["nodeName"] == NODE_NAMES[0])
+        ip = coredns[far]["status"]["podIP"]
+        rule = ["FORWARD", "-d", ip, "-p", "udp", "--dport", "53", "-j", "DROP"]
+        other = real.node_named(NODE_NAMES[1]).netns
+        other.exec(["iptables", "-I", *rule])
+        try:
+            def udp_of(body: str) -> float | None:
+                return next((s.value for s in samples(body) if s.name == "dnsprobe_success"
+                             and s.labels["pod"] == far and s.labels["protocol"] == "udp"),
+                            None)
+
+            body = await scrape_until(url[NODE_NAMES[1]], lambda b: udp_of(b) == 0,
+                                      deadline=30)
+            assert udp_of(body) == 0
+            assert udp_of(await scrape_until(url[NODE_NAMES[0]], lambda b: True)) == 1
+        finally:
+            other.exec(["iptables", "-D", *rule])
