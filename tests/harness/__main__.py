@@ -1,4 +1,4 @@
-"""Start the test cluster by hand: Kubernetes v1.37.2 with a real node, CoreDNS as kube-dns.
+"""Start the test cluster by hand: Kubernetes v1.37.2 with two real nodes, CoreDNS as kube-dns.
 
     scripts/test-cluster
 
