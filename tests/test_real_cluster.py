@@ -302,6 +302,11 @@ async def _break_and_watch(real: RealCluster, monitoring: Monitoring, sick: str,
     def query(expr: str) -> list[dict[str, Any]]:
         return monitoring.query(expr)
 
+    # The PodDisruptionBudget the eviction must pass: one of three may go.
+    pdb = real.cluster.api(
+        "GET", "/apis/policy/v1/namespaces/kube-system/poddisruptionbudgets/coredns")
+    assert pdb is not None
+    assert (pdb["status"]["expectedPods"], pdb["status"]["disruptionsAllowed"]) == (3, 1)
     real.in_pod_network(sick, [
         "iptables", "-A", "INPUT", "-p", "udp", "--dport", "53", "-j", "DROP"])
     assert await wait_until(lambda: bool(query(
