@@ -1,6 +1,6 @@
 """Resident memory with 1,000 CoreDNS pods discovered from a real Kubernetes API.
 
-The test cluster (etcd, kube-apiserver, kube-controller-manager: tests/harness/cluster.py)
+The lab's test cluster (Kubernetes v1.37.2 without nodes: tests/harness/cluster.py)
 gets a headless kube-system/kube-dns Service and 1,000 Running, Ready Pod objects whose
 IPs are the loopback addresses one CoreDNS answers on. `coredns-health-exporter serve`
 runs as its own process with the admin kubeconfig: it lists and watches them, probes
@@ -58,10 +58,10 @@ def run(workdir: Path, hosts: list[str], seconds: float) -> dict[str, float]:
     why = binaries_missing()
     if why:
         sys.exit(f"bench: the Kubernetes test cluster is not available: {why}")
-    cluster = Cluster(workdir / "cluster")
+    cluster = Cluster.for_lab(workdir / "cluster")
     started = time.monotonic()
-    cluster.start()
     try:
+        cluster.start()
         api = kubernetes.config.new_client_from_config(  # type: ignore[no-untyped-call]
             str(cluster.admin_kubeconfig)
         )

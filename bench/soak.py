@@ -1,13 +1,14 @@
 """The soak (`bench/soak`): hours of a bad network in minutes, and no false restart.
 
-Real processes throughout: the test cluster (etcd, kube-apiserver, kube-controller-
-manager), three CoreDNS pods in network namespaces each dropping 5% of the UDP queries it
-receives at random, the exporter (`serve`, remediation `evict`, probing every 0.5 s) with
-deploy/base/rbac.yaml's ServiceAccount, and Prometheus with Alertmanager running the
-shipped rules with windows for minutes (as tests/test_e2e.py does), posting to the
-webhook. For `--minutes` it samples the exporter every 10 s: resident memory, open file
-descriptors, event-loop tasks, probes and remediations, evicted pods. Then one pod is made
-UDP-dead: exactly one eviction must follow, and no other.
+Real processes throughout: the lab's test cluster (Kubernetes v1.37.2 without nodes,
+tests/harness/cluster.py), three CoreDNS pods in network namespaces each dropping 5% of
+the UDP queries it receives at random, the exporter (`serve`, remediation `evict`,
+probing every 0.5 s) with deploy/base/rbac.yaml's ServiceAccount, and Prometheus with
+Alertmanager running the shipped rules with windows for minutes (as tests/test_e2e.py
+does), posting to the webhook. For `--minutes` it samples the exporter every 10 s:
+resident memory, open file descriptors, event-loop tasks, probes and remediations,
+evicted pods. Then one pod is made UDP-dead: exactly one eviction must follow, and no
+other.
 
 Prints `name: value` figures (docs/reliability.md records them) and writes them as JSON to
 bench/results/. Exits 1 if a promise is broken: an eviction during the soak, memory
@@ -95,10 +96,14 @@ def _evicted(lab: Lab) -> list[str]:
 
 
 def soak(work: Path, minutes: float) -> dict[str, Any]:
-    cluster = Cluster(work / "cluster")
-    cluster.start()
     binary = coredns_binary()
     assert binary is not None, "CoreDNS missing: run scripts/install-test-tools"
+    cluster = Cluster.for_lab(work / "cluster")
+    try:
+        cluster.start()
+    except Exception:
+        cluster.stop()
+        raise
     lab = Lab(cluster, binary, work)
     stopping: list[Any] = []
     try:

@@ -96,11 +96,13 @@ def netns() -> Iterator[Callable[[str], NetNS]]:
 
 @pytest.fixture(scope="session")
 def kube_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    """A real etcd + kube-apiserver + kube-controller-manager for the whole session."""
+    """The lab's control plane for the whole session: Kubernetes v1.37.2 without nodes
+    (no scheduler, and no controller that acts on nodes or makes pods; see
+    Cluster.for_lab)."""
     reason = binaries_missing()
     if reason:
         missing("the Kubernetes test cluster", reason)
-    cluster = Cluster(tmp_path_factory.mktemp("cluster"))
+    cluster = Cluster.for_lab(tmp_path_factory.mktemp("cluster"))
     try:
         cluster.start()
         yield cluster
@@ -111,10 +113,10 @@ def kube_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 @pytest.fixture(scope="session")
 def real_cluster(tmp_path_factory: pytest.TempPathFactory, coredns_bin: Path
                  ) -> Iterator[RealCluster]:
-    """Kubernetes v1.37.2 with a real node (containerd, runc, CNI, kubelet, kube-proxy)
+    """Kubernetes v1.37.2 with two real nodes (containerd, runc, CNI, kubelet, kube-proxy)
     and CoreDNS running as kube-system/kube-dns, for the whole session. A cluster of its
-    own: the lab's stand-in kubelet shares `kube_cluster`, where a real scheduler and node
-    would race it for the lab's pods."""
+    own: the lab's fake nodes and pods (on `kube_cluster`) must not meet a scheduler, a
+    node lifecycle controller or a kubelet."""
     reason = real_cluster_missing()
     if reason:
         missing("the real test cluster", reason)

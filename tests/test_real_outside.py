@@ -15,14 +15,14 @@ from typing import Any
 import pytest
 
 from exporter.probepod import LABELS
-from tests.harness.cluster import KUBERNETES_CLUSTER_IP
+from tests.harness.cluster import CLUSTER_DNS, KUBERNETES_CLUSTER_IP
 from tests.harness.exporter import Exporter
 from tests.harness.netns import NetNS
 from tests.harness.node import EXPORTER_IMAGE
 from tests.harness.realcluster import RealCluster
 from tests.harness.scrape import samples, scrape_until, wait_until
 from tests.test_modes import FAST, chosen, mode_of, success
-from tests.test_real_cluster import REPO, evictions, ready_coredns
+from tests.test_real_cluster import REPO, evictions, fresh_remediation, ready_coredns
 from tests.test_remediation import TOKEN, alert, payload, post, results
 
 NAMESPACE = "coredns-health-exporter"
@@ -90,11 +90,14 @@ async def test_probe_pod_mode_runs_the_image_as_a_restricted_pod(
     try:
         decision = chosen(exporter)
         assert decision["mode"] == "probe-pod", decision
+        assert "answered DNS from here" in decision["skipped"]["in-cluster"]
         assert "not allowed to list nodes" in decision["skipped"]["nodeport"]
         pods = ready_coredns(real_cluster)
         wanted = {("pod", name, p["spec"]["nodeName"], f"{p['status']['podIP']}:53", protocol):
                   0.0 if (name, protocol) == (udp_dead, "udp") else 1.0
                   for name, p in pods.items() for protocol in ("udp", "tcp")}
+        # The Service over TCP (over UDP one query in three meets the UDP-dead pod).
+        wanted[("service", "kube-dns", "", f"{CLUSTER_DNS}:53", "tcp")] = 1.0
         body = await scrape_until(
             exporter.url, lambda b: all(success(b).get(k) == v for k, v in wanted.items()),
             deadline=90)
@@ -152,6 +155,7 @@ async def test_port_forward_mode_goes_through_the_kubelet_and_runtime(
         try:
             decision = chosen(exporter)
             assert decision["mode"] == "port-forward", decision
+            assert "not allowed to create pods" in decision["skipped"]["probe-pod"]
             assert "UDP cannot be forwarded" in decision["means"]
             wanted = {("pod", pod, p["spec"]["nodeName"], f"{p['status']['podIP']}:53", "tcp"):
                       0.0 if pod == name else 1.0
@@ -163,6 +167,10 @@ async def test_port_forward_mode_goes_through_the_kubelet_and_runtime(
                     if s.name == "dnsprobe_probes_total" and s.labels["pod"] == name
                     and s.value > 0}
             assert dead == {"timeout"}
+            # The answering pods' round trips, through the tunnel, are measured.
+            latency = {s.labels["pod"]: s.value for s in samples(body)
+                       if s.name == "dnsprobe_duration_seconds_count"}
+            assert all(latency.get(str(key[1]), 0) >= 1 for key in wanted if key[1] != name)
         finally:
             exporter.stop()
     finally:
@@ -199,10 +207,7 @@ async def test_in_probe_pod_mode_a_probe_pod_confirms_before_a_restart(
     UDP-dead one does not (evicted, and its ReplicaSet replaces it). The exporter reaches
     no pod IP itself, so a direct probe would have failed both."""
     real = real_cluster
-    # A cooldown left by an earlier test's eviction (the Lease is the cluster's memory).
-    real.kubectl("-n", "kube-system", "delete", "lease", "--ignore-not-found",
-                 "coredns-health-exporter-remediation")
-    before = evictions(real)
+    seen = fresh_remediation(real)
     token_file = tmp_path / "webhook-token"
     token_file.write_text(TOKEN)
     kubeconfig = granted(OUTSIDE / "probe-pod.yaml", OUTSIDE / "probe-pod-remediation.yaml")
@@ -220,8 +225,8 @@ async def test_in_probe_pod_mode_a_probe_pod_confirms_before_a_restart(
         assert results(answer) == [(udp_dead, "evict", "success")]
     finally:
         exporter.stop()
-    new = [e for e in evictions(real) if e not in before]
-    assert [e["involvedObject"]["name"] for e in new] == [udp_dead]
+    assert await wait_until(lambda: bool(evictions(real, seen)), 15)
+    assert [e["involvedObject"]["name"] for e in evictions(real, seen)] == [udp_dead]
 
     def replaced() -> bool:
         ready = ready_coredns(real)

@@ -65,6 +65,9 @@ def main(argv: list[str]) -> int:
     except KeyboardInterrupt:
         _say("stopping")
     finally:
+        # A second Ctrl-C must not cut the tear-down short.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         stopping = time.monotonic()
         real.stop()
         _say(f"stopped in {time.monotonic() - stopping:.1f}s")

@@ -17,6 +17,7 @@ a relay on the machine's loopback (`server`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -26,7 +27,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,18 @@ def binaries_missing() -> str | None:
     if os.geteuid() != 0:
         return "the cluster's network namespace needs root"
     return None
+
+
+def run_all(steps: Sequence[Callable[[], None]]) -> None:
+    """Run every step of a tear-down, even when one fails; then raise the first error."""
+    errors: list[BaseException] = []
+    for step in steps:
+        try:
+            step()
+        except Exception as exc:  # the rest must still run; the first is raised after
+            errors.append(exc)
+    if errors:
+        raise errors[0]
 
 
 def free_port() -> int:
@@ -156,10 +169,24 @@ class Process:
 
 class Cluster:
     """etcd, kube-apiserver, kube-controller-manager and kube-scheduler in the cluster
-    namespace; the API on the machine's loopback through a relay."""
+    namespace; the API on the machine's loopback through a relay.
 
-    def __init__(self, workdir: Path) -> None:
+    `controllers` and `scheduler` are for the lab's control plane (harness/lab.py), whose
+    nodes and pods are objects without a kubelet: there the node lifecycle controller would
+    mark its pods not Ready, and the ReplicaSet and DaemonSet controllers and the scheduler
+    would make and bind pods that never run. A cluster with real nodes runs them all."""
+
+    @classmethod
+    def for_lab(cls, workdir: Path) -> Cluster:
+        """The lab's control plane: no node lifecycle, ReplicaSet or DaemonSet controller,
+        no scheduler."""
+        return cls(workdir, controllers="*,-nodelifecycle,-replicaset,-daemonset",
+                   scheduler=False)
+
+    def __init__(self, workdir: Path, controllers: str = "*", scheduler: bool = True) -> None:
         self.workdir = workdir
+        self.controllers = controllers
+        self.with_scheduler = scheduler
         self.pki = workdir / "pki"
         self.ca_file = self.pki / "ca.crt"
         self.admin_kubeconfig = workdir / "admin.kubeconfig"
@@ -172,7 +199,6 @@ class Cluster:
         self.apiserver: Process | None = None
         self.controller_manager: Process | None = None
         self.scheduler: Process | None = None
-        self._relays: list[Relay] = []
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -201,7 +227,7 @@ class Cluster:
         self.server = f"https://{self._relay.address}"
         self.api_port = int(self._relay.address.rsplit(":", 1)[1])
         self.write_kubeconfig(self.admin_kubeconfig, ADMIN_TOKEN)
-        self.etcd = self._start("etcd", [
+        self.etcd = self.start_process("etcd", [
             str(KUBE_BIN / "etcd"), "--name", "test", "--data-dir", str(self.workdir / "etcd"),
             "--listen-client-urls", "http://127.0.0.1:2379",
             "--advertise-client-urls", "http://127.0.0.1:2379",
@@ -221,13 +247,13 @@ class Cluster:
                         "name": "system:kubelet-api-admin"},
             "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User",
                           "name": KUBELET_CLIENT_CN}]})
-        self.controller_manager = self._start("kube-controller-manager", [
+        self.controller_manager = self.start_process("kube-controller-manager", [
             str(KUBE_BIN / "kube-controller-manager"),
             "--kubeconfig", str(self.component_kubeconfig("kube-controller-manager")),
             "--authentication-kubeconfig", str(self.admin_kubeconfig_inside()),
             "--authorization-kubeconfig", str(self.admin_kubeconfig_inside()),
             "--bind-address", "127.0.0.1", "--secure-port", "10257",
-            "--controllers", "*", "--use-service-account-credentials",
+            "--controllers", self.controllers, "--use-service-account-credentials",
             "--service-account-private-key-file", str(self.pki / "sa.key"),
             "--root-ca-file", str(self.ca_file),
             "--cluster-signing-cert-file", str(self.ca_file),
@@ -235,20 +261,21 @@ class Cluster:
             "--service-cluster-ip-range", SERVICE_CIDR, "--cluster-cidr", POD_CIDR,
             "--leader-elect=false", "--concurrent-endpoint-syncs=2",
         ])
-        self.scheduler = self._start("kube-scheduler", [
-            str(KUBE_BIN / "kube-scheduler"),
-            "--kubeconfig", str(self.component_kubeconfig("kube-scheduler")),
-            "--authentication-kubeconfig", str(self.admin_kubeconfig_inside()),
-            "--authorization-kubeconfig", str(self.admin_kubeconfig_inside()),
-            "--bind-address", "127.0.0.1", "--secure-port", "10259",
-            "--leader-elect=false",
-        ])
-        self._await_in_netns(self.scheduler, "https://127.0.0.1:10259/healthz", timeout,
-                             verify=False)
+        if self.with_scheduler:
+            self.scheduler = self.start_process("kube-scheduler", [
+                str(KUBE_BIN / "kube-scheduler"),
+                "--kubeconfig", str(self.component_kubeconfig("kube-scheduler")),
+                "--authentication-kubeconfig", str(self.admin_kubeconfig_inside()),
+                "--authorization-kubeconfig", str(self.admin_kubeconfig_inside()),
+                "--bind-address", "127.0.0.1", "--secure-port", "10259",
+                "--leader-elect=false",
+            ])
+            self._await_in_netns(self.scheduler, "https://127.0.0.1:10259/healthz", timeout,
+                                 verify=False)
         self._await_controllers(timeout)
 
     def start_apiserver(self, timeout: float = 90) -> None:
-        self.apiserver = self._start("kube-apiserver", [
+        self.apiserver = self.start_process("kube-apiserver", [
             str(KUBE_BIN / "kube-apiserver"),
             "--etcd-servers", "http://127.0.0.1:2379",
             "--bind-address", "0.0.0.0", "--advertise-address", NODE_IP,
@@ -276,18 +303,16 @@ class Cluster:
             self.apiserver.stop()
 
     def stop(self) -> None:
-        for process in (self.scheduler, self.controller_manager, self.apiserver, self.etcd):
-            if process is not None:
-                process.stop()
-        for relay in [*self._relays, *([self._relay] if self._relay else [])]:
-            relay.stop()
+        """Stop everything, each step even when an earlier one failed."""
+        steps = [p.stop for p in (self.scheduler, self.controller_manager, self.apiserver,
+                                  self.etcd) if p is not None]
+        if self._relay is not None:
+            steps.append(self._relay.stop)
         if self.netns is not None:
-            self.netns.delete()
+            steps.append(self.netns.delete)
+        run_all(steps)
 
     # -- inside the cluster namespace -----------------------------------------------------
-
-    def _start(self, name: str, args: Sequence[str]) -> Process:
-        return self.start_process(name, args)
 
     def start_process(self, name: str, args: Sequence[str], log_name: str = "") -> Process:
         """A process inside the cluster namespace, its output in WORKDIR/LOG_NAME.log."""
@@ -340,20 +365,26 @@ class Cluster:
         finally:
             relay.stop()
 
-    def expose(self, address: str) -> str:
+    @contextlib.contextmanager
+    def exposed(self, address: str) -> Iterator[str]:
         """An address on the machine's loopback leading to `address` in the cluster
-        namespace (a pod IP, a Service IP, a node port)."""
+        namespace (a pod IP, a Service IP), for as long as the context lasts."""
         assert self.netns is not None
-        return self.netns.expose(address)
+        relay = Relay.start("-", "127.0.0.1:0", self.netns.path, address)
+        try:
+            yield relay.address
+        finally:
+            relay.stop()
 
     def _await_controllers(self, timeout: float) -> None:
         """Return once the controllers run: the endpoints controller has made the Endpoints
-        of a canary Service, and the ServiceAccount controller the `default` account (the
-        controller manager's informers sync a while after it starts; a test must not race
-        them, and pods are refused in a namespace without its `default` account)."""
+        of a canary Service, and the ServiceAccount controller the `default` accounts of
+        default and kube-system (the controller manager's informers sync a while after it
+        starts; a test must not race them, and pods are refused in a namespace without its
+        `default` account)."""
         assert self.controller_manager is not None
         context = ssl.create_default_context(cafile=str(self.ca_file))
-        base = f"{self.server}/api/v1/namespaces/default"
+        base = f"{self.server}/api/v1/namespaces"
         headers = {"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/json"}
 
         def call(method: str, path: str, body: object = None) -> bytes:
@@ -365,12 +396,13 @@ class Cluster:
                 return line
 
         canary = "controller-canary"
-        call("POST", "services", {"metadata": {"name": canary}, "spec": {
+        call("POST", "default/services", {"metadata": {"name": canary}, "spec": {
             "selector": {"canary": canary}, "ports": [{"port": 1}]}})
         deadline = time.monotonic() + timeout
         try:
-            for watched in (f"endpoints?fieldSelector=metadata.name%3D{canary}",
-                            "serviceaccounts?fieldSelector=metadata.name%3Ddefault"):
+            for watched in (f"default/endpoints?fieldSelector=metadata.name%3D{canary}",
+                            "default/serviceaccounts?fieldSelector=metadata.name%3Ddefault",
+                            "kube-system/serviceaccounts?fieldSelector=metadata.name%3Ddefault"):
                 while True:
                     if time.monotonic() > deadline:
                         raise RuntimeError(
@@ -384,7 +416,7 @@ class Cluster:
                     if call("GET", f"{watched}&watch=true&timeoutSeconds=5").strip():
                         break
         finally:
-            call("DELETE", f"services/{canary}")
+            call("DELETE", f"default/services/{canary}")
 
     # -- credentials -------------------------------------------------------------------
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -42,7 +41,6 @@ OUTSIDE_ADDRESS = "192.168.77.2"
 LB_ADDRESS = "192.168.78.10"
 API_IN_NODE = "127.0.0.1:6443"
 SELECTOR = {"k8s-app": "kube-dns"}
-_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _CHAIN = "CHX-SERVICES"
 
 

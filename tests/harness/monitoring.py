@@ -15,9 +15,10 @@ from typing import Any
 
 import yaml
 
-from .cluster import Process
+from .cluster import Process, run_all
 from .lab import Lab
 from .netns import NetNS
+from .relay import Relay
 
 PROMETHEUS_PORT, ALERTMANAGER_PORT = 9090, 9093
 
@@ -86,8 +87,9 @@ class Monitoring:
                 "--web.listen-address", f"127.0.0.1:{ALERTMANAGER_PORT}"]),
                 workdir / "alertmanager.log"),
         ]
-        self.prometheus = "http://" + netns.expose(f"127.0.0.1:{PROMETHEUS_PORT}")
-        self.alertmanager = "http://" + netns.expose(f"127.0.0.1:{ALERTMANAGER_PORT}")
+        self.relays = [Relay.start("-", "127.0.0.1:0", netns.path, f"127.0.0.1:{port}")
+                       for port in (PROMETHEUS_PORT, ALERTMANAGER_PORT)]
+        self.prometheus, self.alertmanager = (f"http://{r.address}" for r in self.relays)
         try:
             for process, url in zip(self.processes, (self.prometheus, self.alertmanager),
                                     strict=True):
@@ -117,5 +119,4 @@ class Monitoring:
         return alerts
 
     def stop(self) -> None:
-        for process in self.processes:
-            process.stop()
+        run_all([p.stop for p in self.processes] + [r.stop for r in self.relays])

@@ -36,6 +36,7 @@ from .cluster import (
     POD_CIDR,
     Cluster,
     Process,
+    run_all,
 )
 from .components import CACHE
 from .netns import NetNS
@@ -53,6 +54,9 @@ NODE_POD_CIDR = "10.244.0.0/24"
 
 def node_missing() -> str | None:
     """None when a node can run here, else what is missing and how to get it."""
+    if Path("/sys/fs/cgroup/cgroup.controllers").exists():
+        return ("this machine has cgroup v2 only; the test node is configured for the "
+                "hybrid cgroup v1 hierarchies of these machines (docs/testing.md)")
     for tool in ("containerd", "containerd-shim-runc-v2", "runc", "ctr", "iptables"):
         if shutil.which(tool) is None:
             return f"`{tool}` is not installed (scripts/install-test-tools installs it)"
@@ -95,14 +99,18 @@ class Node:
         outer = cluster.netns
         assert outer is not None
         veth = f"chxn{index}"
-        outer.exec(["ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0",
-                    "netns", ns.name])
-        outer.exec(["ip", "addr", "add", f"10.77.{k}.1/24", "dev", veth])
-        outer.exec(["ip", "link", "set", veth, "up"])
-        outer.exec(["ip", "route", "add", f"10.244.{k}.0/24", "via", f"10.77.{k}.2"])
-        ns.exec(["ip", "addr", "add", f"10.77.{k}.2/24", "dev", "eth0"])
-        ns.exec(["ip", "link", "set", "eth0", "up"])
-        ns.exec(["ip", "route", "add", "default", "via", f"10.77.{k}.1"])
+        try:
+            outer.exec(["ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0",
+                        "netns", ns.name])
+            outer.exec(["ip", "addr", "add", f"10.77.{k}.1/24", "dev", veth])
+            outer.exec(["ip", "link", "set", veth, "up"])
+            outer.exec(["ip", "route", "add", f"10.244.{k}.0/24", "via", f"10.77.{k}.2"])
+            ns.exec(["ip", "addr", "add", f"10.77.{k}.2/24", "dev", "eth0"])
+            ns.exec(["ip", "link", "set", "eth0", "up"])
+            ns.exec(["ip", "route", "add", "default", "via", f"10.77.{k}.1"])
+        except Exception:
+            ns.delete()
+            raise
         return cls(cluster, name, workdir, ip=f"10.77.{k}.2", pod_cidr=f"10.244.{k}.0/24",
                    own_netns=ns)
 
@@ -328,24 +336,32 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
                            f"{self.kubelet.tail()}")
 
     def stop(self) -> None:
-        """Delete every pod through the runtime, stop the processes, leave nothing."""
-        if self.kube_proxy is not None:
-            self.kube_proxy.stop()
-        if self.kubelet is not None:
-            self.kubelet.stop()
-        pod_netns = self._pod_network_namespaces()
-        if self.containerd is not None and self.containerd.alive():
-            self._remove_pods()
+        """Remove every pod's task through the runtime, stop the processes, leave nothing;
+        every step runs even when an earlier one failed."""
+        pod_netns: list[Path] = []
+
+        def remove_pods() -> None:
+            pod_netns.extend(self._pod_network_namespaces())
+            if self.containerd is not None and self.containerd.alive():
+                self._remove_pods()
+
+        steps = [p.stop for p in (self.kube_proxy, self.kubelet) if p is not None]
+        steps.append(remove_pods)
         if self.containerd is not None:
-            self.containerd.stop()
-        self._kill_shims()
-        self._unmount()
-        self._remove_cgroups()
-        for path in pod_netns:  # CNI's bind mount of a sandbox's network namespace
-            subprocess.run(["ip", "netns", "delete", path.name], capture_output=True,
-                           check=False)
+            steps.append(self.containerd.stop)
+        steps += [self._kill_shims, self._unmount, self._remove_cgroups]
+
+        def remove_pod_netns() -> None:
+            """CNI's bind mounts of the sandboxes' network namespaces (ctr bypasses CRI
+            and CNI, which would have removed them)."""
+            for path in pod_netns:
+                subprocess.run(["ip", "netns", "delete", path.name], capture_output=True,
+                               check=False)
+
+        steps.append(remove_pod_netns)
         if self.own_netns is not None:
-            self.own_netns.delete()
+            steps.append(self.own_netns.delete)
+        run_all(steps)
 
     def _task_pids(self) -> list[int]:
         """The PIDs containerd recorded for its shims and their tasks."""
@@ -372,8 +388,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         return found
 
     def _remove_pods(self) -> None:
-        """Stop and remove every task and container, so the shims exit and the sandboxes'
-        network namespaces are torn down by CNI."""
+        """Kill and remove every task and container, so the shims exit (ctr bypasses CRI,
+        so CNI does not remove the sandboxes' network namespaces: stop() does)."""
         tasks = self.ctr("tasks", "ls", "-q").stdout.split()
         for task in tasks:
             self.ctr("tasks", "kill", "-s", "SIGKILL", task)
@@ -382,11 +398,35 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         for container in self.ctr("containers", "ls", "-q").stdout.split():
             self.ctr("containers", "delete", container)
 
+    def _ours(self, pid: int) -> bool:
+        """Whether PID is still a process of this node's (a PID read from a file may have
+        been reused): a shim of this node's containerd, or a process in its cgroups."""
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            cgroups = Path(f"/proc/{pid}/cgroup").read_text()
+        except OSError:
+            return False
+        shim = cmdline[0].endswith(b"containerd-shim-runc-v2") and \
+            str(self.socket).encode() in cmdline
+        return shim or self.cgroup_root in cgroups
+
     def _kill_shims(self) -> None:
-        """The shims outlive containerd by design; end those it recorded, by PID."""
-        for pid in self._task_pids():
-            with contextlib.suppress(OSError):
-                os.kill(pid, 9)
+        """The shims outlive containerd by design; end those it recorded, by PID, and any
+        process still in this node's cgroups."""
+        pids = set(self._task_pids())
+        pids.update(self._cgroup_pids())
+        for pid in pids:
+            if self._ours(pid):
+                with contextlib.suppress(OSError):
+                    os.kill(pid, 9)
+
+    def _cgroup_pids(self) -> list[int]:
+        top = Path("/sys/fs/cgroup/pids") / self.cgroup_root.lstrip("/")
+        pids = []
+        for procs in top.rglob("cgroup.procs") if top.is_dir() else ():
+            with contextlib.suppress(OSError, ValueError):
+                pids += [int(line) for line in procs.read_text().split()]
+        return pids
 
     def _unmount(self) -> None:
         """Unmount everything mounted under the work directory, deepest first."""
@@ -394,13 +434,17 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         for _ in range(3):
             with open("/proc/self/mountinfo") as f:
                 points = [line.split()[4] for line in f]
-            ours = sorted({p for p in points if p.startswith(root)}, key=len, reverse=True)
+            ours = sorted({p for p in points if p == root or p.startswith(root + "/")},
+                          key=len, reverse=True)
             if not ours:
                 return
             for point in ours:
                 subprocess.run(["umount", "-l", point], capture_output=True, check=False)
 
     def _remove_cgroups(self) -> None:
+        """Remove the kubelet's cgroups; one that cannot be removed still holds a
+        process, and is said."""
+        left = []
         for controller in Path("/sys/fs/cgroup").iterdir():
             top = controller / self.cgroup_root.lstrip("/")
             if not top.is_dir():
@@ -409,5 +453,9 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
                 if directory.is_dir():
                     with contextlib.suppress(OSError):
                         directory.rmdir()
-            with contextlib.suppress(OSError):
+            try:
                 top.rmdir()
+            except OSError as exc:
+                left.append(f"{top}: {exc.strerror}")
+        if left:
+            raise RuntimeError("cgroups left behind: " + "; ".join(left))

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from . import kubedns
-from .cluster import KUBE_BIN, NODE_NAMES, Cluster, Process, binaries_missing
+from .cluster import KUBE_BIN, NODE_NAMES, Cluster, Process, binaries_missing, run_all
 from .node import EXPORTER_IMAGE, Node, node_missing
 
 REPO = Path(__file__).resolve().parents[2]
@@ -82,11 +82,11 @@ class RealCluster:
         self.upstream = kubedns.start_upstream(self.cluster, self.coredns_bin)
 
     def stop(self) -> None:
-        for node in reversed(self.nodes):
-            node.stop()
+        """Stop everything, each part even when an earlier one failed."""
+        steps = [n.stop for n in reversed(self.nodes)]
         if self.upstream is not None:
-            self.upstream.stop()
-        self.cluster.stop()
+            steps.append(self.upstream.stop)
+        run_all([*steps, self.cluster.stop])
 
     # -- reading the cluster ------------------------------------------------------------
 
