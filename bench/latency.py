@@ -56,15 +56,15 @@ class Recorder:
         self.recording = False
 
     def wrap(
-        self, record: Callable[[Check, ProbeResult], None]
-    ) -> Callable[[Check, ProbeResult], None]:
-        def recorded(check: Check, result: ProbeResult) -> None:
+        self, record: Callable[[Check, ProbeResult], bool]
+    ) -> Callable[[Check, ProbeResult], bool]:
+        def recorded(check: Check, result: ProbeResult) -> bool:
             if (self.recording and check.protocol is Protocol.UDP
                     and result.rtt_seconds is not None):
                 self.results.append(
                     (check.target.endpoint.host, result.started_at, result.rtt_seconds)
                 )
-            record(check, result)
+            return record(check, result)
 
         return recorded
 

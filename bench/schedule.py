@@ -34,9 +34,9 @@ async def _measure(hosts: list[str], rounds: int) -> dict[str, float]:
     starts: dict[Check, list[float]] = defaultdict(list)
     record = store.record
 
-    def recorded(check: Check, result: ProbeResult) -> None:
+    def recorded(check: Check, result: ProbeResult) -> bool:
         starts[check].append(result.started_at)
-        record(check, result)
+        return record(check, result)
 
     store.record = recorded  # type: ignore[method-assign]
     settings = ProbeSettings(protocols=(Protocol.UDP,), interval=INTERVAL, timeout=TIMEOUT)

@@ -118,6 +118,9 @@ async def check(settings: Settings, plan: Plan) -> int:
             rows = await _check_kubernetes(settings, plan.client, scheduler)
         except (DiscoveryError, modes.NoMode, ProbePodError) as exc:
             print(f"coredns-health-exporter: {exc}", file=sys.stderr)
+            if settings.json_output:  # a reader of stdout gets the failure as JSON too
+                print(json.dumps({"healthy": False, "error": str(exc), "results": []},
+                                 indent=2))
             return EXIT_UNHEALTHY
         finally:
             plan.client.close()

@@ -55,10 +55,12 @@ class ResultStore:
         the next results)."""
         self._states.clear()
 
-    def record(self, check: Check, result: ProbeResult) -> None:
-        # A probe that finishes after its target was removed must not bring it back.
+    def record(self, check: Check, result: ProbeResult) -> bool:
+        """Keep `result` as `check`'s latest; False (and nothing kept) when the check is
+        not current: a probe that finishes after its target was removed must not bring it
+        back."""
         if check not in self._active:
-            return
+            return False
         state = self._states.get(check)
         if state is None:
             state = self._states[check] = CheckState(result)
@@ -67,6 +69,7 @@ class ResultStore:
         if result.rtt_seconds is not None:
             state.bucket_counts[bisect.bisect_left(BUCKETS, result.rtt_seconds)] += 1
             state.rtt_sum += result.rtt_seconds
+        return True
 
     def last(self, check: Check) -> ProbeResult | None:
         state = self._states.get(check)

@@ -39,32 +39,59 @@ class _Channel:
         self._error = b""
 
     async def send(self, data: bytes) -> None:
-        await self._ws.send_bytes(bytes([_DATA]) + data)
+        try:
+            await self._ws.send_bytes(bytes([_DATA]) + data)
+        except (aiohttp.ClientError, ConnectionError) as exc:
+            # The kubelet's side ended the stream before our query went out: when the
+            # runtime could not connect to the port, it said why on the error channel.
+            raise await self._ended_early(exc) from exc
 
     async def receive(self) -> bytes:
         while True:
-            message = await self._ws.receive()
-            if message.type is aiohttp.WSMsgType.BINARY:
-                data: bytes = message.data
-                if not data or data[0] not in self._prefix:
-                    continue  # a channel this port does not have: ignore, as the kubelet does
-                channel, payload = data[0], data[1:]
-                skip = min(self._prefix[channel], len(payload))
-                self._prefix[channel] -= skip
-                payload = payload[skip:]
-                if not payload:
-                    continue
-                if channel == _DATA:
-                    return payload
-                self._error += payload
-                text = self._error.decode("utf-8", errors="replace").strip()
-                raise StreamError(Outcome.UNREACHABLE, f"port-forward to {self._where}: {text}")
-            if message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING,
-                                aiohttp.WSMsgType.CLOSED):
-                return b""
-            if message.type is aiohttp.WSMsgType.ERROR:
-                raise StreamError(Outcome.ERROR,
-                                  f"port-forward to {self._where}: {self._ws.exception()}")
+            data = self._take(await self._ws.receive())
+            if data is not None:
+                return data
+
+    def _take(self, message: aiohttp.WSMessage) -> bytes | None:
+        """The data a message carries (b"" once the stream has ended), None for nothing
+        to return yet; StreamError when the error channel speaks."""
+        if message.type is aiohttp.WSMsgType.BINARY:
+            data: bytes = message.data
+            if not data or data[0] not in self._prefix:
+                return None  # a channel this port does not have: ignore, as the kubelet does
+            channel, payload = data[0], data[1:]
+            skip = min(self._prefix[channel], len(payload))
+            self._prefix[channel] -= skip
+            payload = payload[skip:]
+            if not payload:
+                return None
+            if channel == _DATA:
+                return payload
+            self._error += payload
+            text = self._error.decode("utf-8", errors="replace").strip()
+            raise StreamError(Outcome.UNREACHABLE, f"port-forward to {self._where}: {text}")
+        if message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING,
+                            aiohttp.WSMsgType.CLOSED):
+            return b""
+        if message.type is aiohttp.WSMsgType.ERROR:
+            raise StreamError(Outcome.ERROR,
+                              f"port-forward to {self._where}: {self._ws.exception()}")
+        return None
+
+    async def _ended_early(self, exc: BaseException) -> StreamError:
+        """Why the stream ended before the query could be written: the error channel's
+        message when one arrived, else the write's own failure."""
+        try:
+            async with asyncio.timeout(1):
+                while True:
+                    if self._take(await self._ws.receive()) == b"":
+                        break
+        except StreamError as said:
+            return said
+        except (TimeoutError, aiohttp.ClientError, ConnectionError, RuntimeError):
+            pass
+        return StreamError(Outcome.UNREACHABLE, f"port-forward to {self._where}: the stream "
+                                                f"ended before the query was sent ({exc!r})")
 
     async def close(self) -> None:
         await self._ws.close()

@@ -106,6 +106,18 @@ def pod_manifest(settings: Settings, checks: Sequence[Check], instance: str) -> 
     }
 
 
+# Container waiting reasons that never resolve by waiting (the kubelet retries a pull with
+# a back-off, but no registry will start serving a missing image within a round).
+CANNOT_START = ("ErrImagePull", "ImagePullBackOff", "ErrImageNeverPull", "InvalidImageName",
+                "CreateContainerConfigError", "CreateContainerError")
+
+
+def cannot_start(pod: PodInfo) -> bool:
+    """Whether the pod's container waits for something that will not come."""
+    kind, _, rest = pod.state.partition(": ")
+    return kind == "waiting" and rest.split(": ", 1)[0] in CANNOT_START
+
+
 def parse_output(text: str, checks: Sequence[Check]) -> dict[Check, ProbeResult]:
     """The results in a probe pod's log, matched back to `checks` by address, protocol
     and query. The log holds the pod's stderr too (JSON log lines); the result document
@@ -180,14 +192,23 @@ class ProbePod:
         ns = self._namespace
         self._remove_leftovers()
         manifest = pod_manifest(self._settings, checks, self.instance)
-        pod = self._api("create", "pods", lambda: self._client.create_pod(ns, manifest))
+        image = self._settings.probe_pod.image
+        try:
+            pod = self._api("create", "pods", lambda: self._client.create_pod(ns, manifest))
+        except ProbePodError as exc:  # refused by admission (Pod Security), quota, RBAC
+            raise ProbePodError(f"{exc} (the probe pod of image {image}; "
+                                "--probe-pod-image sets the image)") from exc
         try:
             seconds = POD_DEADLINE + WAIT_GRACE
             final = self._api("watch", "pods", lambda: self._client.wait_pod(
-                ns, pod.name, lambda p: p.phase in ("Succeeded", "Failed"), seconds,
-                self._stop))
+                ns, pod.name, lambda p: p.phase in ("Succeeded", "Failed") or cannot_start(p),
+                seconds, self._stop))
             if final is None:
                 raise ProbePodError(f"probe pod {ns}/{pod.name} was deleted before it ended")
+            if final.phase not in ("Succeeded", "Failed") and cannot_start(final):
+                raise ProbePodError(
+                    f"probe pod {ns}/{pod.name} cannot start its container of image {image} "
+                    f"({final.state}); --probe-pod-image sets an image the nodes can pull")
             if final.phase not in ("Succeeded", "Failed"):
                 if self._stop.is_set():
                     raise ProbePodError("stopping")

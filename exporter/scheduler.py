@@ -121,7 +121,8 @@ class Scheduler:
 
     def _record(self, check: Check, result: ProbeResult) -> None:
         previous = self._store.last(check)
-        self._store.record(check, result)
+        if not self._store.record(check, result):
+            return  # its target is gone: no result, no history, no log line
         self.history.append((check, result))
         if (previous.outcome if previous else Outcome.SUCCESS) is not result.outcome:
             # Once per change, not per probe: a dead target must not flood the log.

@@ -123,7 +123,7 @@ def test_late_result_for_a_removed_target_is_dropped() -> None:
     get, store = setup()
     gone = pod_check("gone")
     store.retain([])
-    store.record(gone, ProbeResult(Outcome.TIMEOUT, "late"))
+    assert store.record(gone, ProbeResult(Outcome.TIMEOUT, "late")) is False
     assert get("dnsprobe_success", labels(gone)) is None
 
 

@@ -14,7 +14,7 @@ from exporter import kube
 from exporter.config import Mode, load
 from exporter.discovery import mode_targets
 from exporter.probe import Outcome, Protocol, Query
-from exporter.probepod import LABELS, ProbePodError, parse_output, pod_manifest
+from exporter.probepod import LABELS, ProbePodError, cannot_start, parse_output, pod_manifest
 from exporter.targets import (
     Endpoint,
     Kind,
@@ -195,3 +195,18 @@ def test_a_probe_pod_log_without_a_usable_result_is_a_clear_error(text: str,
                                                                   expected: str) -> None:
     with pytest.raises(ProbePodError, match=re.escape(expected)):
         parse_output(text, CHECKS)
+
+
+@pytest.mark.parametrize(("state", "stuck"), [
+    ("waiting: ErrImagePull: failed to pull and unpack image", True),
+    ("waiting: ImagePullBackOff: Back-off pulling image", True),
+    ("waiting: InvalidImageName", True),
+    ("waiting: CreateContainerConfigError: secret not found", True),
+    ("waiting: ContainerCreating", False),
+    ("running", False),
+    ("terminated: exit code 0 (Completed)", False),
+    ("", False),
+])
+def test_a_probe_pod_that_cannot_start_is_told_apart(state: str, stuck: bool) -> None:
+    pod = PodInfo("ns", "dnsprobe-x", "uid", (), "node-a", False, "Pending", state=state)
+    assert cannot_start(pod) is stuck

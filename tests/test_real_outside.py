@@ -5,6 +5,7 @@ and remediation confirmed by a probe pod."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -145,10 +146,15 @@ def test_check_json_through_a_probe_pod_labels_results_as_direct(
 async def test_port_forward_mode_goes_through_the_kubelet_and_runtime(
         real_cluster: RealCluster, outside: NetNS, granted: Callable[..., Path]) -> None:
     """containerd connects to localhost:53 inside the pod's network namespace: a TCP/53
-    dropped there times out; the others answer over TCP alone."""
-    name = sorted(ready_coredns(real_cluster))[-1]
-    rule = ["INPUT", "-p", "tcp", "--dport", "53", "-j", "DROP"]
-    real_cluster.in_pod_network(name, ["iptables", "-A", *rule])
+    dropped there times out; one refused there is unreachable, with the runtime's message
+    from the error channel (it closes the stream before the query is written); the others
+    answer over TCP alone."""
+    refused, dropped = sorted(ready_coredns(real_cluster))[-2:]
+    rules = {dropped: ["INPUT", "-p", "tcp", "--dport", "53", "-j", "DROP"],
+             refused: ["INPUT", "-p", "tcp", "--dport", "53", "-j", "REJECT",
+                       "--reject-with", "tcp-reset"]}
+    for pod, rule in rules.items():
+        real_cluster.in_pod_network(pod, ["iptables", "-A", *rule])
     try:
         kubeconfig = granted(OUTSIDE / "port-forward.yaml")
         exporter = serve_outside(outside, kubeconfig)
@@ -158,23 +164,33 @@ async def test_port_forward_mode_goes_through_the_kubelet_and_runtime(
             assert "not allowed to create pods" in decision["skipped"]["probe-pod"]
             assert "UDP cannot be forwarded" in decision["means"]
             wanted = {("pod", pod, p["spec"]["nodeName"], f"{p['status']['podIP']}:53", "tcp"):
-                      0.0 if pod == name else 1.0
+                      0.0 if pod in rules else 1.0
                       for pod, p in ready_coredns(real_cluster).items()}
             body = await scrape_until(exporter.url, lambda b: success(b) == wanted,
                                       deadline=60)
             assert success(body) == wanted, (success(body), exporter.raw[-10:])
-            dead = {s.labels["result"] for s in samples(body)
-                    if s.name == "dnsprobe_probes_total" and s.labels["pod"] == name
-                    and s.value > 0}
-            assert dead == {"timeout"}
+
+            def results(pod: str) -> set[str]:
+                return {s.labels["result"] for s in samples(body)
+                        if s.name == "dnsprobe_probes_total" and s.labels["pod"] == pod
+                        and s.value > 0}
+
+            assert results(dropped) == {"timeout"}
+            assert results(refused) == {"unreachable"}
+            [changed] = [r for r in exporter.logs if r.get("msg") == "probe outcome changed"
+                         and r.get("pod") == refused][:1]
+            assert "failed to connect to localhost:53" in changed["reason"], changed
+            assert not [line for line in exporter.raw if "Traceback" in line]
             # The answering pods' round trips, through the tunnel, are measured.
             latency = {s.labels["pod"]: s.value for s in samples(body)
                        if s.name == "dnsprobe_duration_seconds_count"}
-            assert all(latency.get(str(key[1]), 0) >= 1 for key in wanted if key[1] != name)
+            assert all(latency.get(str(key[1]), 0) >= 1 for key in wanted
+                       if key[1] not in rules)
         finally:
             exporter.stop()
     finally:
-        real_cluster.in_pod_network(name, ["iptables", "-D", *rule])
+        for pod, rule in rules.items():
+            real_cluster.in_pod_network(pod, ["iptables", "-D", *rule])
 
 
 def test_port_forward_needs_create_as_well_as_get(
@@ -233,3 +249,38 @@ async def test_in_probe_pod_mode_a_probe_pod_confirms_before_a_restart(
         return len(ready) == 3 and udp_dead not in ready and healthy in ready
 
     assert await wait_until(replaced, 90)
+
+
+async def test_a_probe_pod_image_that_cannot_be_pulled_fails_the_round_at_once(
+        real_cluster: RealCluster, outside: NetNS, granted: Callable[..., Path]) -> None:
+    """The node cannot pull the image (no registry): the round stops as soon as the
+    container waits with ErrImagePull, not at the pod's deadline, and says which image and
+    which flag; `check --json` prints the error as JSON; `serve` counts a failed round."""
+    kubeconfig = granted(OUTSIDE / "probe-pod.yaml")
+    image = "localhost/coredns-health-exporter-test/no-such-image:1"
+    # The pod's deadline is 120 s: a bound of 90 s fails a round that waited for it.
+    done = await asyncio.to_thread(
+        subprocess.run,
+        outside.command([sys.executable, "-m", "exporter", "check", "--json",
+                         "--kubeconfig", str(kubeconfig), "--mode", "probe-pod",
+                         "--probe-pod-namespace", NAMESPACE, "--probe-pod-image", image]),
+        capture_output=True, text=True, timeout=90, check=False, cwd=REPO)
+    assert done.returncode == 1, done.stderr
+    error = json.loads(done.stdout)["error"]
+    assert image in error and "--probe-pod-image" in error, error
+    assert "ErrImagePull" in error or "ImagePullBackOff" in error, error
+    assert "Traceback" not in done.stderr
+
+    exporter = serve_outside(outside, kubeconfig, "--probe-pod-namespace", NAMESPACE,
+                             "--probe-pod-image", image)
+    try:
+        def failed(body: str) -> bool:
+            return any(s.name == "dnsprobe_probe_pod_runs_total" and s.value >= 1
+                       and s.labels["result"] == "failed" for s in samples(body))
+
+        assert failed(await scrape_until(exporter.url, failed, deadline=90))
+        [warning] = exporter.logged("probe pod round failed; the checks have no results "
+                                    "until a round succeeds", timeout=10)[:1]
+        assert image in warning["error"], warning
+    finally:
+        exporter.stop()

@@ -1,16 +1,19 @@
 """Probe rounds: per-check start offsets leave room for the timeout and are seeded per
-process; the concurrency bound holds; rounds against real CoreDNS record results."""
+process; the concurrency bound holds; rounds against real CoreDNS record results; a
+removed target's late result leaves no trace."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
+import pytest
 from prometheus_client import CollectorRegistry
 
 from exporter.collector import ResultStore, register
 from exporter.config import ProbeSettings
-from exporter.probe import Protocol, Query
+from exporter.probe import Outcome, ProbeResult, Protocol, Query
 from exporter.scheduler import Scheduler
 from exporter.targets import Endpoint, Kind, Target
 from tests.conftest import StartDNS
@@ -76,3 +79,21 @@ async def test_rounds_record_results_and_count_rounds(healthy_dns: CoreDNS) -> N
     latest = store.latest()
     assert len(latest) == 2 and all(r.ok for r in latest.values())
     assert registry.get_sample_value("dnsprobe_round_overruns_total") == 0
+
+
+def test_a_removed_targets_late_result_logs_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    """A probe in flight when its target was removed ends later: its result is dropped
+    from the store, and so are its history entry and its `probe outcome changed` line."""
+    scheduler = Scheduler(ProbeSettings(interval=1, timeout=0.5), ResultStore())
+    [gone, kept] = targets(2)
+    scheduler.set_targets([gone, kept], (QUERY,))
+    late = next(c for c in scheduler.checks if c.target == gone)
+    live = next(c for c in scheduler.checks if c.target == kept)
+    scheduler.set_targets([kept], (QUERY,))
+    with caplog.at_level(logging.INFO, logger="exporter.scheduler"):
+        scheduler.record(late, ProbeResult(Outcome.TIMEOUT, "no response within 0.5s"))
+        scheduler.record(live, ProbeResult(Outcome.TIMEOUT, "no response within 0.5s"))
+    changed = [r for r in caplog.records if r.getMessage() == "probe outcome changed"]
+    assert [getattr(r, "fields", {}).get("address") for r in changed] == [
+        kept.endpoint.address]
+    assert [c for c, _ in scheduler.history] == [live]
