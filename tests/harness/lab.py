@@ -44,6 +44,18 @@ SELECTOR = {"k8s-app": "kube-dns"}
 _CHAIN = "CHX-SERVICES"
 
 
+def await_default_account(core: Any, namespace: str, timeout: float = 30) -> None:
+    """Return once the ServiceAccount controller has made `default` in `namespace` (a new
+    one): until then ServiceAccount admission refuses every pod there."""
+    watch = kubernetes.watch.Watch()  # type: ignore[no-untyped-call]
+    for _ in watch.stream(  # type: ignore[no-untyped-call]
+            core.list_namespaced_service_account, namespace,
+            field_selector="metadata.name=default", timeout_seconds=int(timeout)):
+        watch.stop()  # type: ignore[no-untyped-call]
+        return
+    raise RuntimeError(f"no default ServiceAccount in {namespace} after {timeout}s")
+
+
 @dataclass
 class Pod:
     name: str
@@ -106,16 +118,8 @@ class Lab:
             if exc.status != 409:  # an existing namespace (kube-system) is used, not owned
                 raise
 
-    def _await_default_account(self, namespace: str, timeout: float = 30) -> None:
-        """Return once the ServiceAccount controller has made `default` in `namespace`:
-        until then ServiceAccount admission refuses every pod there."""
-        watch = kubernetes.watch.Watch()  # type: ignore[no-untyped-call]
-        for _ in watch.stream(  # type: ignore[no-untyped-call]
-                self.core.list_namespaced_service_account, namespace,
-                field_selector="metadata.name=default", timeout_seconds=int(timeout)):
-            watch.stop()  # type: ignore[no-untyped-call]
-            return
-        raise RuntimeError(f"no default ServiceAccount in {namespace} after {timeout}s")
+    def _await_default_account(self, namespace: str) -> None:
+        await_default_account(self.core, namespace)
 
     # -- network -----------------------------------------------------------------------
 

@@ -108,3 +108,13 @@ class RealCluster:
         found = self.cluster.api("GET", f"/api/v1/namespaces/{namespace}/pods/{pod}")
         assert found is not None
         self.node_named(found["spec"]["nodeName"]).in_pod_network(namespace, pod, args)
+
+    def await_default_account(self, namespace: str, timeout: float = 30) -> None:
+        """Return once `namespace` has its `default` ServiceAccount (made by a controller
+        just after the namespace; pods are refused there until then)."""
+        path = f"/api/v1/namespaces/{namespace}/serviceaccounts/default"
+        deadline = time.monotonic() + timeout
+        while self.cluster.api("GET", path, missing_ok=True) is None:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no default ServiceAccount in {namespace} after {timeout}s")
+            time.sleep(0.1)  # polling one object the controller is about to make
