@@ -3,6 +3,7 @@ kube-dns, and the exporter installed with `kubectl apply -k deploy/` from its im
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -22,6 +23,7 @@ import yaml
 from alerts.generate import rules
 from tests.harness.cluster import CLUSTER_DNS, KUBE_BIN, KUBERNETES_CLUSTER_IP, NODE_NAMES
 from tests.harness.components import missing
+from tests.harness.exporter import Exporter
 from tests.harness.monitoring import Monitoring
 from tests.harness.monitoring import binaries_missing as monitoring_missing
 from tests.harness.realcluster import RealCluster
@@ -186,6 +188,58 @@ async def _from_each_node(real: RealCluster, url: dict[str, str],
         assert udp_of(await scrape_until(url[here], lambda b: True)) == 1
     finally:
         netns.exec(["iptables", "-D", *rule])
+
+
+async def test_a_pod_deleted_while_probed_leaves_no_late_log_lines(
+        real_cluster: RealCluster) -> None:
+    """A CoreDNS pod stops answering and is deleted while probes to it are in flight: its
+    late results change nothing, and say nothing, once it has left the targets."""
+    real = real_cluster
+    netns = real.cluster.netns
+    assert netns is not None
+    # Rounds 2 s apart, each probe sent in the round's first 0.1 s and waiting up to 1.9 s.
+    exporter = Exporter(["--kubeconfig", str(real.cluster.admin_kubeconfig_inside()),
+                         "--mode", "in-cluster", "--interval", "2", "--timeout", "1.9",
+                         "--protocol", "udp"], netns=netns)
+    try:
+        victim = sorted(ready_coredns(real))[0]
+
+        def probed(body: str) -> bool:
+            return any(s.name == "dnsprobe_success" and s.labels["pod"] == victim
+                       and s.value == 1 for s in samples(body))
+
+        assert probed(await scrape_until(exporter.url, probed, deadline=30))
+        real.in_pod_network(victim, ["iptables", "-A", "INPUT", "-p", "udp", "--dport", "53",
+                                     "-j", "DROP"])
+        # A probe timed out, 1.9 s after it was sent; the next is sent an interval after
+        # it, so 0.1 s from now, and stays in flight until 2.0 s from now. Deleting the
+        # pod 0.5 s from now lands inside that window: there is no event to wait for, only
+        # the schedule.
+        changed = exporter.logs_until(lambda logs: any(
+            r.get("msg") == "probe outcome changed" and r.get("pod") == victim
+            and r.get("outcome") == "timeout" for r in logs), timeout=30)
+        assert any(r.get("pod") == victim for r in changed), exporter.raw[-5:]
+        await asyncio.sleep(0.5)
+        real.cluster.api("DELETE", f"/api/v1/namespaces/kube-system/pods/{victim}",
+                         {"gracePeriodSeconds": 0})
+        removed = exporter.logs_until(lambda logs: any(
+            r.get("msg") == "targets updated" and victim in str(r.get("removed"))
+            for r in logs), timeout=30)
+        after = next(i for i, r in enumerate(removed) if r.get("msg") == "targets updated"
+                     and victim in str(r.get("removed")))
+
+        # Every probe in flight at the removal ends within its timeout: two rounds after
+        # it, any late line would have been written.
+        def rounds(body: str) -> float:
+            return next(s.value for s in samples(body) if s.name == "dnsprobe_rounds_total")
+
+        first = rounds(await scrape_until(exporter.url, lambda b: True))
+        await scrape_until(exporter.url, lambda b: rounds(b) >= first + 2, deadline=30)
+        late = [r for r in exporter.logs[after:] if r.get("msg") == "probe outcome changed"
+                and r.get("pod") == victim]
+        assert not late, late
+    finally:
+        exporter.stop()
 
 
 def overlay(directory: Path, args: dict[str, str]) -> Path:
