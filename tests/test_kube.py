@@ -18,7 +18,6 @@ from exporter import kube
 from exporter.probe import Protocol
 from exporter.targets import Kind, PodInfo, ServiceInfo, kubernetes_targets
 from tests.harness.cluster import Cluster
-from tests.harness.lab import await_default_account
 
 # -- records -------------------------------------------------------------------------------
 
@@ -168,7 +167,7 @@ def admin(kube_cluster: Cluster) -> Iterator[tuple[kube.Client, Any, str]]:
     core: Any = kubernetes.client.CoreV1Api(client.api)
     namespace = f"t-{uuid.uuid4().hex[:8]}"
     core.create_namespace({"metadata": {"name": namespace}})
-    await_default_account(core, namespace)
+    kube_cluster.await_default_account(namespace)
     yield client, core, namespace
     core.delete_namespace(namespace, _preload_content=False)
     client.close()

@@ -21,12 +21,12 @@ import pytest
 import yaml
 
 from alerts.generate import rules
-from tests.harness.cluster import CLUSTER_DNS, KUBE_BIN, KUBERNETES_CLUSTER_IP, NODE_NAMES
+from tests.harness.cluster import CLUSTER_DNS, KUBERNETES_CLUSTER_IP, NODE_NAMES
 from tests.harness.components import missing
 from tests.harness.exporter import Exporter
 from tests.harness.monitoring import Monitoring
 from tests.harness.monitoring import binaries_missing as monitoring_missing
-from tests.harness.realcluster import RealCluster
+from tests.harness.realcluster import RealCluster, deploy_deployment
 from tests.harness.scrape import samples, scrape_until, wait_until
 from tests.test_e2e import FAST_RULES
 
@@ -246,9 +246,7 @@ def overlay(directory: Path, args: dict[str, str]) -> Path:
     """A user's kustomization over deploy/ that sets some of the exporter's flags
     (`--NAME=VALUE`, replacing the shipped value of that flag, or added)."""
     directory.mkdir(parents=True, exist_ok=True)
-    text = subprocess.run([str(KUBE_BIN / "kubectl"), "kustomize", str(REPO / "deploy")],
-                          capture_output=True, text=True, check=True, timeout=60).stdout
-    [deployment] = [d for d in yaml.safe_load_all(text) if d and d["kind"] == "Deployment"]
+    deployment = deploy_deployment()
     shipped: list[str] = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
     ops = []
     for name, value in args.items():

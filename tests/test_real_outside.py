@@ -51,7 +51,7 @@ def granted(real_cluster: RealCluster, tmp_path: Path) -> Iterator[Callable[...,
     def grant(*files: Path) -> Path:
         real = real_cluster
         real.kubectl("apply", "-f", str(REPO / "deploy" / "base" / "namespace.yaml"))
-        real.await_default_account(NAMESPACE)
+        real.cluster.await_default_account(NAMESPACE)
         for f in files:
             real.kubectl("apply", "-f", str(f))
             applied.append(f)

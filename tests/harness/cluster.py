@@ -383,18 +383,7 @@ class Cluster:
         starts; a test must not race them, and pods are refused in a namespace without its
         `default` account)."""
         assert self.controller_manager is not None
-        context = ssl.create_default_context(cafile=str(self.ca_file))
-        base = f"{self.server}/api/v1/namespaces"
-        headers = {"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/json"}
-
-        def call(method: str, path: str, body: object = None) -> bytes:
-            """The first line of the answer (a watch's first event, or a whole object)."""
-            data = json.dumps(body).encode() if body is not None else None
-            request = urllib.request.Request(f"{base}/{path}", data, headers, method=method)
-            with urllib.request.urlopen(request, timeout=15, context=context) as response:
-                line: bytes = response.readline()
-                return line
-
+        call = self._first_line
         canary = "controller-canary"
         call("POST", "default/services", {"metadata": {"name": canary}, "spec": {
             "selector": {"canary": canary}, "ports": [{"port": 1}]}})
@@ -417,6 +406,27 @@ class Cluster:
                         break
         finally:
             call("DELETE", f"default/services/{canary}")
+
+    def await_default_account(self, namespace: str, timeout: float = 30) -> None:
+        """Return once the ServiceAccount controller has made `default` in `namespace` (a
+        new one): until then ServiceAccount admission refuses every pod there."""
+        watched = (f"{namespace}/serviceaccounts?fieldSelector=metadata.name%3Ddefault"
+                   f"&watch=true&timeoutSeconds={int(timeout)}")
+        if not self._first_line("GET", watched, timeout=timeout + 5).strip():
+            raise RuntimeError(f"no default ServiceAccount in {namespace} after {timeout}s")
+
+    def _first_line(self, method: str, path: str, body: object = None,
+                    timeout: float = 15) -> bytes:
+        """The first line of an admin call under /api/v1/namespaces/ (a watch's first
+        event, or a whole object)."""
+        context = ssl.create_default_context(cafile=str(self.ca_file))
+        headers = {"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/json"}
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(f"{self.server}/api/v1/namespaces/{path}", data,
+                                         headers, method=method)
+        with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
+            line: bytes = response.readline()
+            return line
 
     # -- credentials -------------------------------------------------------------------
 

@@ -44,18 +44,6 @@ SELECTOR = {"k8s-app": "kube-dns"}
 _CHAIN = "CHX-SERVICES"
 
 
-def await_default_account(core: Any, namespace: str, timeout: float = 30) -> None:
-    """Return once the ServiceAccount controller has made `default` in `namespace` (a new
-    one): until then ServiceAccount admission refuses every pod there."""
-    watch = kubernetes.watch.Watch()  # type: ignore[no-untyped-call]
-    for _ in watch.stream(  # type: ignore[no-untyped-call]
-            core.list_namespaced_service_account, namespace,
-            field_selector="metadata.name=default", timeout_seconds=int(timeout)):
-        watch.stop()  # type: ignore[no-untyped-call]
-        return
-    raise RuntimeError(f"no default ServiceAccount in {namespace} after {timeout}s")
-
-
 @dataclass
 class Pod:
     name: str
@@ -119,7 +107,7 @@ class Lab:
                 raise
 
     def _await_default_account(self, namespace: str) -> None:
-        await_default_account(self.core, namespace)
+        self.cluster.await_default_account(namespace)
 
     # -- network -----------------------------------------------------------------------
 

@@ -24,15 +24,21 @@ from .node import EXPORTER_IMAGE, Node, node_missing
 REPO = Path(__file__).resolve().parents[2]
 
 
-def deploy_image() -> str:
-    """The exporter image `kubectl apply -k deploy/` asks for."""
+def deploy_deployment() -> dict[str, Any]:
+    """The exporter's Deployment as `kubectl apply -k deploy/` renders it."""
     text = subprocess.run([str(KUBE_BIN / "kubectl"), "kustomize", str(REPO / "deploy")],
                           capture_output=True, text=True, check=True, timeout=60).stdout
     for doc in yaml.safe_load_all(text):
         if doc and doc["kind"] == "Deployment":
-            image: str = doc["spec"]["template"]["spec"]["containers"][0]["image"]
-            return image
+            deployment: dict[str, Any] = doc
+            return deployment
     raise RuntimeError("deploy/ renders no Deployment")
+
+
+def deploy_image() -> str:
+    """The exporter image `kubectl apply -k deploy/` asks for."""
+    image: str = deploy_deployment()["spec"]["template"]["spec"]["containers"][0]["image"]
+    return image
 
 
 def missing() -> str | None:
@@ -108,13 +114,3 @@ class RealCluster:
         found = self.cluster.api("GET", f"/api/v1/namespaces/{namespace}/pods/{pod}")
         assert found is not None
         self.node_named(found["spec"]["nodeName"]).in_pod_network(namespace, pod, args)
-
-    def await_default_account(self, namespace: str, timeout: float = 30) -> None:
-        """Return once `namespace` has its `default` ServiceAccount (made by a controller
-        just after the namespace; pods are refused there until then)."""
-        path = f"/api/v1/namespaces/{namespace}/serviceaccounts/default"
-        deadline = time.monotonic() + timeout
-        while self.cluster.api("GET", path, missing_ok=True) is None:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"no default ServiceAccount in {namespace} after {timeout}s")
-            time.sleep(0.1)  # polling one object the controller is about to make
