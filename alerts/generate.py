@@ -31,6 +31,10 @@ RUNBOOK = "https://github.com/coredns-health-exporter/coredns-health-exporter/bl
 class Config:
     # Which scrape jobs are this exporter (Prometheus Operator: the ServiceMonitor's job).
     selector: str = 'job="coredns-health-exporter"'
+    # The DaemonSet overlay's job (deploy/overlays/daemonset): one exporter per node, its
+    # series labelled with `source_node` (the plain scrape config's job name, and the
+    # PodMonitor's through its jobLabel).
+    node_selector: str = 'job="coredns-health-exporter-node"'
     # Rate window of the failure ratios: long enough that one lost packet (1 probe of 24 at
     # the default 5 s interval) is a blip, short enough to notice a dead pod in minutes.
     window: str = "2m"
@@ -45,6 +49,8 @@ class Config:
     for_wrong_answer: str = "5m"
     for_exporter: str = "5m"
     for_no_targets: str = "10m"
+    for_absent: str = "10m"
+    for_node: str = "5m"
     for_discovery: str = "15m"
     remediation_window: str = "1h"
     remediation_failures: int = 3
@@ -56,6 +62,16 @@ TARGET = "kind, namespace, service, pod, node, address"
 RATIO = "target_protocol:dnsprobe_failure_ratio:rate"
 PROBES = "target_protocol:dnsprobe_probes:rate"
 P99 = "target_protocol:dnsprobe_duration_seconds:p99"
+# The per-node view: each target's failure ratio as seen from each node.
+NODE_PROBES = "source_node_target_protocol:dnsprobe_probes:rate"
+NODE_RATIO = "source_node_target_protocol:dnsprobe_failure_ratio:rate"
+# Alert names of the coredns-mixin (and nodelocaldns-mixin), installed beside these in many
+# clusters (kube-prometheus, kube-prometheus-stack): none of ours may share one.
+MIXIN_ALERTS = frozenset({
+    "CoreDNSDown", "CoreDNSLatencyHigh", "CoreDNSErrorsHigh", "CoreDNSForwardLatencyHigh",
+    "CoreDNSForwardErrorsHigh", "CoreDNSForwardHealthcheckFailureCount",
+    "CoreDNSForwardHealthcheckBrokenCount", "NodeLocalDNSMetricsDown",
+    "NodeLocalDNSSetupErrorsHigh", "NodeLocalDNSSetupErrorsHighNew"})
 
 
 def _alert(c: Config, name: str, expr: str, duration: str, severity: str, summary: str,
@@ -98,6 +114,15 @@ def rules(c: Config = Config()) -> dict[str, Any]:
         {"record": P99,
          "expr": _squash(f"histogram_quantile(0.99, sum without (instance, query) "
                          f"(rate(dnsprobe_duration_seconds_bucket{{{s}}}[{c.latency_window}])))")},
+        # From each node (the DaemonSet): the same, kept apart by `source_node`. `pod` is
+        # dropped too: on the Service's series it is the exporter's own pod (the target's
+        # is empty), and `address` names a CoreDNS pod on its own.
+        {"record": NODE_PROBES,
+         "expr": _squash(f"sum without ({keep}, pod) (rate(dnsprobe_probes_total"
+                         f"{{{c.node_selector}}}[{c.window}]))")},
+        {"record": NODE_RATIO,
+         "expr": _squash(f"1 - sum without ({keep}, pod) (rate(dnsprobe_probes_total"
+                         f'{{{c.node_selector}, result="success"}}[{c.window}])) / {NODE_PROBES}')},
     ]
     alerts = [
         _alert(c, "CoreDNSPodUDPFailing",
@@ -147,7 +172,21 @@ def rules(c: Config = Config()) -> dict[str, Any]:
                at least {{ $value | humanizePercentage }} of its {{ $labels.protocol
                }} probes. No restart will be attempted (no other pod is Ready); look for a
                shared cause: the Corefile, the upstream resolvers, the network."""),
-        _alert(c, "CoreDNSLatencyHigh",
+        _alert(c, "CoreDNSFailingFromNode",
+               f"""({NODE_RATIO}{{kind=~"pod|service"}} > {c.failing})
+               and on (kind, namespace, service, address, protocol)
+               (count by (kind, namespace, service, address, protocol)
+                 ({NODE_RATIO}{{kind=~"pod|service"}} < {c.answering}) > 0)""",
+               c.for_node, "warning",
+               "CoreDNS fails from one node while other nodes reach it.",
+               f"""From node {{{{ $labels.source_node }}}}, {{{{ $labels.kind }}}} {{{{
+               $labels.address }}}} of {{{{ $labels.namespace }}}}/{{{{ $labels.service }}}}
+               failed {{{{ $value | humanizePercentage }}}} of its {{{{ $labels.protocol }}}}
+               probes over the last {c.window}, while from other nodes it answers. Pods on
+               that node lose DNS; CoreDNS itself is fine, so nothing is restarted: look at
+               that node's kube-proxy, conntrack and iptables, NodeLocal DNSCache and network
+               policy."""),
+        _alert(c, "CoreDNSProbeLatencyHigh",
                f'{P99}{{kind=~"pod|service"}} > {c.latency_p99_seconds}',
                c.for_latency, "warning",
                "CoreDNS answers slowly.",
@@ -170,6 +209,13 @@ def rules(c: Config = Config()) -> dict[str, Any]:
                "The CoreDNS health exporter cannot be scraped.",
                """Prometheus cannot scrape {{ $labels.instance }}: cluster DNS is not being
                watched from there."""),
+        _alert(c, "CoreDNSHealthExporterAbsent",
+               f"absent(up{{{s}}})", c.for_absent, "warning",
+               "The CoreDNS health exporter has vanished from Prometheus.",
+               """Prometheus has no scrape target for the CoreDNS health exporter at all:
+               its Deployment is scaled to 0 or deleted, or the ServiceMonitor (scrape
+               config) no longer selects it. Cluster DNS is not being watched, and no other
+               alert of this exporter can fire."""),
         _alert(c, "CoreDNSHealthExporterNoTargets",
                f"""up{{{s}}} == 1 unless on (instance)
                (count by (instance) (dnsprobe_success{{{s}}}) > 0)""",

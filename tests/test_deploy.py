@@ -5,9 +5,7 @@ cluster's service discovery, keeps the exporter's `pod` label."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import json
 import subprocess
 import time
 from collections.abc import Iterator
@@ -18,15 +16,11 @@ import kubernetes
 import pytest
 import yaml
 
-from alerts.generate import render_prometheus_rule
+from alerts.generate import Config, render_prometheus_rule
 from exporter.kube import ApiException
 from exporter.kube import Client as RawClient
-from tests.conftest import LabExporter
-from tests.harness.cluster import ADMIN_TOKEN, KUBE_BIN, Cluster
+from tests.harness.cluster import KUBE_BIN, Cluster
 from tests.harness.components import missing
-from tests.harness.lab import NODE_ADDRESS, Lab
-from tests.harness.monitoring import Monitoring, binaries_missing
-from tests.harness.scrape import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -209,6 +203,17 @@ def test_prometheus_rule_is_generated_from_the_alerts() -> None:
     [endpoint] = podmonitor["spec"]["podMetricsEndpoints"]
     assert endpoint["honorLabels"] is True
     assert endpoint["relabelings"][0]["targetLabel"] == "source_node"
+    # The per-node rules select the job the PodMonitor's jobLabel names.
+    assert podmonitor["spec"]["jobLabel"] == "app.kubernetes.io/name"
+    assert podmonitor["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"] == \
+        "coredns-health-exporter-node"
+    assert 'job="coredns-health-exporter-node"' in Config().node_selector
+    # Under the Operator's default matcher strategy (OnNamespace) an AlertmanagerConfig
+    # only sees alerts of its own namespace: CoreDNS's, where CoreDNSPodUDPFailing is.
+    [config] = by_kind(kustomize("prometheus-operator"), "AlertmanagerConfig")
+    assert config["metadata"]["namespace"] == "kube-system"
+    assert config["spec"]["route"]["matchers"] == [
+        {"name": "alertname", "value": "CoreDNSPodUDPFailing"}]
 
 
 # -- applied to the real test cluster ---------------------------------------------------------
@@ -301,91 +306,3 @@ def test_manifests_apply_to_the_real_api(admin: RawClient) -> None:
                     else f"{prefix}/{plural}/{name}")
             with contextlib.suppress(ApiException):
                 admin.request("DELETE", path)
-
-
-def endpoint_targets(lab: Lab, service: str) -> list[dict[str, Any]]:
-    """What Prometheus' role=endpoints discovery makes of a Service's Endpoints.
-
-    The endpoints controller creates the object some time after the Service and fills
-    it once it sees the Ready pod; a watch on that one object (from before it exists)
-    sees both, with no polling."""
-    subsets: list[dict[str, Any]] = []
-    stream: Any = kubernetes.watch.Watch()  # type: ignore[no-untyped-call]
-    for event in stream.stream(lab.core.list_namespaced_endpoints, lab.namespace,
-                               field_selector=f"metadata.name={service}",
-                               timeout_seconds=30):
-        subsets = event["raw_object"].get("subsets") or []
-        if subsets:
-            stream.stop()
-    targets = []
-    for subset in subsets:
-        for port in subset["ports"]:
-            for address in subset.get("addresses", []):
-                ref = address.get("targetRef", {})
-                targets.append({"targets": [f"{address['ip']}:{port['port']}"], "labels": {
-                    "__meta_kubernetes_namespace": lab.namespace,
-                    "__meta_kubernetes_service_name": service,
-                    "__meta_kubernetes_endpoint_port_name": port.get("name", ""),
-                    "__meta_kubernetes_endpoint_ready": "true",
-                    "__meta_kubernetes_pod_name": ref.get("name", ""),
-                    "__meta_kubernetes_pod_node_name": address.get("nodeName", ""),
-                }})
-    assert targets, f"no endpoints for {service}"
-    return targets
-
-
-async def test_shipped_scrape_config_keeps_the_pod_label(
-    lab: Lab, lab_exporter: LabExporter, tmp_path: Path
-) -> None:
-    """Prometheus scrapes the exporter found through the test cluster's Endpoints,
-    relabels as shipped, and the exporter's `pod` label (a CoreDNS pod) survives."""
-    reason = binaries_missing()
-    if reason:
-        missing("Prometheus", reason)
-    coredns_pod = lab.add_pod()
-    lab.create_service()
-    exporter_pod = "coredns-health-exporter-abc12"
-    lab.core.create_namespaced_service(lab.namespace, {
-        "metadata": {"name": "coredns-health-exporter"},
-        "spec": {"selector": {"app.kubernetes.io/name": "coredns-health-exporter"},
-                 "ports": [{"name": "http", "port": 9953, "targetPort": "http"}]},
-    }, _preload_content=False)
-    lab.core.create_namespaced_pod(lab.namespace, {
-        "metadata": {"name": exporter_pod,
-                     "labels": {"app.kubernetes.io/name": "coredns-health-exporter"}},
-        "spec": {"nodeName": "node-a", "containers": [{
-            "name": "exporter", "image": "coredns-health-exporter",
-            "ports": [{"name": "http", "containerPort": 9953}]}]},
-    }, _preload_content=False)
-    lab.core.patch_namespaced_pod_status(exporter_pod, lab.namespace, {"status": {
-        "phase": "Running", "podIP": NODE_ADDRESS, "podIPs": [{"ip": NODE_ADDRESS}],
-        "conditions": [{"type": "Ready", "status": "True"}]}})
-    lab_exporter(ADMIN_TOKEN, "--interval", "0.5", "--timeout", "0.3",
-                 "--listen", f"{NODE_ADDRESS}:9953")
-    shipped = yaml.safe_load((DEPLOY / "prometheus" / "scrape-configs.yaml").read_text())
-    [job] = [j for j in shipped["scrape_configs"] if j["job_name"] == "coredns-health-exporter"]
-    # Debian's Prometheus is built without Kubernetes service discovery, so the harness
-    # does its part: the real Endpoints object (made by the real endpoints controller)
-    # becomes a file_sd target with the meta labels Prometheus documents for role
-    # endpoints. The shipped relabel_configs and honor_labels then run as they are.
-    targets = await asyncio.to_thread(endpoint_targets, lab, "coredns-health-exporter")
-    (tmp_path / "sd.json").write_text(json.dumps(targets))
-    job.pop("kubernetes_sd_configs")
-    job["file_sd_configs"] = [{"files": [str(tmp_path / "sd.json")]}]
-    monitoring = Monitoring(lab, tmp_path / "prometheus", f"{NODE_ADDRESS}:9953",
-                            tmp_path / "no-token",
-                            {"groups": []}, scrape_configs=[job])
-    try:
-        await wait_until(lambda: bool(monitoring.query('dnsprobe_success{kind="pod"}')),
-                         deadline=60)
-        series = monitoring.query('dnsprobe_success{kind="pod"}')
-        assert {s["metric"]["pod"] for s in series} == {coredns_pod.name}
-        assert all(s["metric"]["namespace"] == lab.namespace for s in series)
-        assert not monitoring.query('{exported_pod!=""}')
-        assert not monitoring.query('{exported_namespace!=""}')
-        # Series of the exporter's own (no pod label of theirs) get the target's labels.
-        [own] = monitoring.query("process_resident_memory_bytes")
-        assert own["metric"]["pod"] == exporter_pod
-        assert own["metric"]["service"] == "coredns-health-exporter"
-    finally:
-        monitoring.stop()

@@ -19,6 +19,28 @@ CACHE = Path(
     or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "coredns-health-exporter"
 )
 IN_CI = os.environ.get("CI", "").lower() == "true"
+# Prometheus 3, promtool, Alertmanager, amtool, the Prometheus Operator and its config
+# reloader (scripts/install-monitoring-tools), and the Operator's CRDs beside them.
+MONITORING_BIN = CACHE / "monitoring" / "bin"
+OPERATOR_CRDS = CACHE / "monitoring" / "crds"
+# Upstream's example manifests of the same Operator release (its RBAC and Deployment).
+OPERATOR_EXAMPLES = CACHE / "monitoring" / "rbac"
+
+
+MONITORING_TOOLS = ("prometheus", "promtool", "alertmanager", "operator",
+                    "prometheus-config-reloader")
+
+
+def monitoring_missing(*names: str) -> str | None:
+    """None when the monitoring components `names` (default: all, and the Operator's
+    manifests) are built, else which one is not and how to build it."""
+    for name in names or MONITORING_TOOLS:
+        if not (MONITORING_BIN / name).is_file():
+            return f"{MONITORING_BIN / name} not built: run scripts/install-monitoring-tools"
+    for directory in (() if names else (OPERATOR_CRDS, OPERATOR_EXAMPLES)):
+        if not directory.is_dir():
+            return f"{directory} missing: run scripts/install-monitoring-tools"
+    return None
 
 
 def missing(component: str, how: str) -> None:

@@ -1,4 +1,5 @@
-"""Real Prometheus and Alertmanager (Debian's packages) in a network namespace of the tests
+"""Real Prometheus 3 and Alertmanager (upstream, built by scripts/install-monitoring-tools)
+as processes in a network namespace of the tests
 (a lab's node namespace, or the real cluster's), wired to the exporter under test:
 Prometheus scrapes it and evaluates the shipped rules, Alertmanager routes
 CoreDNSPodUDPFailing to its webhook with a bearer token. Stopped by their PIDs."""
@@ -6,7 +7,8 @@ CoreDNSPodUDPFailing to its webhook with a bearer token. Stopped by their PIDs."
 from __future__ import annotations
 
 import json
-import shutil
+import socket
+import subprocess
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -16,6 +18,7 @@ from typing import Any
 import yaml
 
 from .cluster import Process, run_all
+from .components import MONITORING_BIN, monitoring_missing
 from .lab import Lab
 from .netns import NetNS
 from .relay import Relay
@@ -24,11 +27,7 @@ PROMETHEUS_PORT, ALERTMANAGER_PORT = 9090, 9093
 
 
 def binaries_missing() -> str | None:
-    for tool, package in (("prometheus", "prometheus"), ("promtool", "prometheus"),
-                          ("prometheus-alertmanager", "prometheus-alertmanager")):
-        if shutil.which(tool) is None:
-            return f"{tool} not installed: run scripts/install-test-tools (Debian {package})"
-    return None
+    return monitoring_missing()
 
 
 def alertmanager_config(webhook: str, token_file: Path) -> dict[str, Any]:
@@ -77,12 +76,14 @@ class Monitoring:
             f"http://{webhook or exporter}/webhook/alertmanager", token_file)))
         self.processes = [
             Process("prometheus", netns.command([
-                "prometheus", "--config.file", str(workdir / "prometheus.yml"),
+                str(MONITORING_BIN / "prometheus"),
+                "--config.file", str(workdir / "prometheus.yml"),
                 "--storage.tsdb.path", str(workdir / "tsdb"),
                 "--web.listen-address", f"127.0.0.1:{PROMETHEUS_PORT}"]),
                 workdir / "prometheus.log"),
             Process("alertmanager", netns.command([
-                "prometheus-alertmanager", "--config.file", str(workdir / "alertmanager.yml"),
+                str(MONITORING_BIN / "alertmanager"),
+                "--config.file", str(workdir / "alertmanager.yml"),
                 "--storage.path", str(workdir / "am"), "--cluster.listen-address=",
                 "--web.listen-address", f"127.0.0.1:{ALERTMANAGER_PORT}"]),
                 workdir / "alertmanager.log"),
@@ -120,3 +121,53 @@ class Monitoring:
 
     def stop(self) -> None:
         run_all([p.stop for p in self.processes] + [r.stop for r in self.relays])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class Backfilled:
+    """A real Prometheus on loopback whose only data are known series, written as
+    OpenMetrics and turned into blocks by its own promtool (`tsdb create-blocks-from
+    openmetrics`): what a test asks of it has exactly one right answer."""
+
+    def __init__(self, workdir: Path, series: dict[str, list[tuple[float, float]]]) -> None:
+        """`series`: `name{labels}` -> [(unix time, value)], times ascending."""
+        workdir.mkdir(parents=True, exist_ok=True)
+        lines: list[str] = []
+        # One family's samples together (OpenMetrics), each series' in time order.
+        for name in sorted(series, key=lambda key: key.split("{", 1)[0]):
+            lines += [f"{name} {v} {t:.3f}" for t, v in series[name]]
+        (workdir / "series.om").write_text("\n".join(lines) + "\n# EOF\n")
+        done = subprocess.run(
+            [str(MONITORING_BIN / "promtool"), "tsdb", "create-blocks-from", "openmetrics",
+             str(workdir / "series.om"), str(workdir / "tsdb")],
+            capture_output=True, text=True, timeout=120, check=False)
+        assert done.returncode == 0, done.stdout + done.stderr
+        (workdir / "prometheus.yml").write_text(yaml.safe_dump({"scrape_configs": []}))
+        self.url = f"http://127.0.0.1:{free_port()}"
+        self.process = Process("prometheus", [
+            str(MONITORING_BIN / "prometheus"), "--config.file", str(workdir / "prometheus.yml"),
+            "--storage.tsdb.path", str(workdir / "tsdb"),
+            "--web.listen-address", self.url.removeprefix("http://")],
+            workdir / "prometheus.log")
+        self.process.await_ready(self.url + "/-/ready", timeout=60)
+
+    def query(self, expr: str, at: float) -> list[dict[str, Any]]:
+        url = f"{self.url}/api/v1/query?" + urllib.parse.urlencode(
+            {"query": expr, "time": f"{at:.3f}"})
+        try:
+            with urllib.request.urlopen(url, timeout=10) as response:
+                answer = json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            raise AssertionError(f"{expr}: {exc.code}: {exc.read().decode()}") from None
+        assert answer["status"] == "success", answer
+        result: list[dict[str, Any]] = answer["data"]["result"]
+        return result
+
+    def stop(self) -> None:
+        self.process.stop()

@@ -46,8 +46,15 @@ PAUSE_IMAGE = "localhost/coredns-health-exporter-test/pause:3.10"
 COREDNS_IMAGE = "localhost/coredns-health-exporter-test/coredns:1.13.1"
 EXPORTER_IMAGE = "localhost/coredns-health-exporter:test"
 # archive file -> the image it holds
+MONITORING_IMAGES = {  # made from scripts/install-monitoring-tools' binaries
+    "prometheus.tar": "localhost/coredns-health-exporter-test/prometheus:v3.16.0",
+    "alertmanager.tar": "localhost/coredns-health-exporter-test/alertmanager:v0.35.0",
+    "prometheus-operator.tar": "localhost/coredns-health-exporter-test/prometheus-operator:v0.85.0",
+    "prometheus-config-reloader.tar":
+        "localhost/coredns-health-exporter-test/prometheus-config-reloader:v0.85.0",
+}
 ARCHIVES = {"pause.tar": PAUSE_IMAGE, "coredns.tar": COREDNS_IMAGE,
-            "exporter.tar": EXPORTER_IMAGE}
+            "exporter.tar": EXPORTER_IMAGE, **MONITORING_IMAGES}
 CNI_BIN = Path("/usr/lib/cni")
 NODE_POD_CIDR = "10.244.0.0/24"
 
