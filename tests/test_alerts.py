@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from alerts.generate import OUTPUT, Config, render, rules
+from alerts.generate import MIXIN_ALERTS, OUTPUT, Config, render, rules
 from tests.harness.components import MONITORING_BIN, missing, monitoring_missing
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,3 +79,25 @@ def test_thresholds_and_selectors_change_in_one_place() -> None:
 @pytest.mark.parametrize("alert", ALERTS)
 def test_alert_names_follow_the_mixin_style(alert: str) -> None:
     assert re.fullmatch(r"CoreDNS[A-Z][A-Za-z]+", alert)
+
+
+def test_no_alert_shares_a_name_with_the_coredns_mixin() -> None:
+    """The coredns-mixin (in kube-prometheus and kube-prometheus-stack) is installed beside
+    these in many clusters: a shared name would merge their silences, routes and runbooks."""
+    assert not set(ALERTS) & MIXIN_ALERTS
+    assert "CoreDNSLatencyHigh" in MIXIN_ALERTS and "CoreDNSProbeLatencyHigh" in ALERTS
+
+
+def test_the_per_node_alert_reads_only_the_daemonsets_job() -> None:
+    """The Deployment's alerts select its job; the per-node alert the DaemonSet's (whose
+    series carry `source_node`), and it never drives the webhook: its alert name differs
+    from the one the shipped routes send there."""
+    c = Config()
+    groups = rules(c)["groups"]
+    records = {r["record"]: r["expr"] for r in groups[0]["rules"]}
+    for name, expr in records.items():
+        selector = c.node_selector if name.startswith("source_node_") else c.selector
+        assert selector in expr, (name, expr)
+    [alert] = [r for r in groups[1]["rules"] if r["alert"] == "CoreDNSFailingFromNode"]
+    assert "source_node_target_protocol:dnsprobe_failure_ratio:rate" in alert["expr"]
+    assert "{{ $labels.source_node }}" in alert["annotations"]["description"]

@@ -77,10 +77,14 @@ async def test_udp_dead_pod_is_evicted_through_prometheus_and_alertmanager(
     assert await wait_until(lambda: bool(monitoring.query(
         'dnsprobe_remediations_total{action="evict", result="success"} == 1')), deadline=30)
 
-    # Every panel and variable of the dashboard returns data from this Prometheus.
+    # Every panel and variable of the dashboard returns data from this Prometheus, but the
+    # per-node ones: they read the DaemonSet overlay's series, which this loop has not
+    # (test_dashboards.py checks their numbers, test_real_monitoring.py their series).
     empty = []
     for panel in dashboard()["panels"]:
         for target in panel["targets"]:
+            if 'source_node!=""' in target["expr"]:
+                continue
             expr = substitute(target["expr"], lab.namespace)
             if not monitoring.query(expr):
                 empty.append(f"{panel['title']}: {expr}")

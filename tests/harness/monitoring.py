@@ -27,7 +27,7 @@ PROMETHEUS_PORT, ALERTMANAGER_PORT = 9090, 9093
 
 
 def binaries_missing() -> str | None:
-    return monitoring_missing()
+    return monitoring_missing("prometheus", "alertmanager")
 
 
 def alertmanager_config(webhook: str, token_file: Path) -> dict[str, Any]:
