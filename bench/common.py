@@ -12,7 +12,7 @@ import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from exporter.probe import Query
+from exporter.model import Query
 from tests.harness import coredns
 from tests.harness.cluster import free_port
 from tests.harness.components import coredns_binary, stop_process

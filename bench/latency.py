@@ -28,7 +28,7 @@ from aiohttp import web
 
 from exporter.app import STATE, Plan, create_app
 from exporter.config import load
-from exporter.probe import ProbeResult, Protocol
+from exporter.model import ProbeResult, Protocol
 from exporter.targets import Check, Endpoint, Kind, Target
 
 from .capture import start as start_capture

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from exporter.collector import ResultStore, register
 from exporter.config import ProbeSettings
-from exporter.probe import ProbeResult, Protocol
+from exporter.model import ProbeResult, Protocol
 from exporter.scheduler import Scheduler
 from exporter.targets import Check, Endpoint, Kind, Target
 

@@ -22,8 +22,8 @@ from .app import Plan, create_app, default_query, plan_targets
 from .collector import ResultStore
 from .config import ConfigError, Mode, Settings, load
 from .discovery import DiscoveryError, discover_once
+from .model import ProbeResult
 from .portforward import PortForward
-from .probe import ProbeResult
 from .probepod import ProbePod, ProbePodError
 from .scheduler import Scheduler
 from .targets import TARGET_LABELS, Check

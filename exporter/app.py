@@ -23,7 +23,8 @@ from .collector import ProcessMetrics, ResultStore, register
 from .config import DEFAULT_QUERY_LABEL, ConfigError, Settings, parse_query
 from .discovery import Discovery
 from .exposition import Exposition
-from .probe import Outcome, ProbeResult, Protocol, Query, probe
+from .model import Outcome, ProbeResult, Protocol, Query
+from .probe import probe
 from .remediate import Action, ApiUnavailable, Decision, Remediator
 from .scheduler import Scheduler
 from .targets import Check, Target, parse_endpoint, read_resolv_conf, static_targets

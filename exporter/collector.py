@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from . import __version__
-from .probe import Outcome, ProbeResult
+from .model import Outcome, ProbeResult
 from .targets import Check
 
 # Latency buckets in seconds: a healthy cluster DNS answers in well under a millisecond

@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from . import __version__
-from .probe import Protocol, Query
+from .model import Protocol, Query
 from .targets import Endpoint, parse_endpoint
 
 # The default listen port. Prometheus' default port allocations list (9100-9999) was

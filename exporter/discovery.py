@@ -27,7 +27,7 @@ from typing import Any
 from . import kube
 from .collector import ProcessMetrics
 from .config import DEFAULT_QUERY_LABEL, Mode, Settings
-from .probe import Protocol, Query
+from .model import Protocol, Query
 from .scheduler import Scheduler
 from .targets import (
     Kind,

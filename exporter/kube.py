@@ -29,7 +29,7 @@ from typing import Any
 import kubernetes
 import urllib3
 
-from .probe import Protocol
+from .model import Protocol
 from .targets import NodeInfo, PodInfo, ServiceInfo
 
 log = logging.getLogger(__name__)

@@ -27,8 +27,9 @@ from . import kube
 from .collector import ProcessMetrics
 from .config import Mode, Settings
 from .discovery import Discovery
+from .model import Protocol, Query
 from .portforward import PortForward
-from .probe import Protocol, Query, probe
+from .probe import probe
 from .probepod import ProbePod, ProbePodError
 from .probepod import confirm as confirm_in_probe_pod
 from .remediate import Remediator

@@ -20,7 +20,8 @@ import logging
 import aiohttp
 
 from . import kube
-from .probe import Outcome, ProbeResult, StreamError, probe_stream
+from .model import Outcome, ProbeResult
+from .probe import StreamError, probe_stream
 from .targets import Check
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import errno
 import functools
 import ipaddress
@@ -40,54 +39,7 @@ import dns.name
 import dns.rcode
 import dns.rdatatype
 
-
-class Outcome(enum.StrEnum):
-    """What became of a probe; the values are the `result` label of `dnsprobe_probes_total`."""
-
-    SUCCESS = "success"
-    TIMEOUT = "timeout"
-    UNREACHABLE = "unreachable"
-    RCODE = "rcode"
-    WRONG_ANSWER = "wrong_answer"
-    TRUNCATED = "truncated"
-    ERROR = "error"
-
-
-class Protocol(enum.StrEnum):
-    UDP = "udp"
-    TCP = "tcp"
-
-
-@dataclass(frozen=True, slots=True)
-class Query:
-    """One question to ask, and what its answer must contain.
-
-    `label` is the value of the `query` metric label: `kubernetes` for the default query,
-    otherwise the name as the user wrote it (with `/TYPE` when the type is not A).
-    """
-
-    label: str
-    qname: str
-    rdtype: str = "A"
-    expect: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class ProbeResult:
-    outcome: Outcome
-    reason: str
-    # Seconds from sending the query (for TCP: from starting to connect) to the arrival
-    # of a matching response; None when no response arrived.
-    rtt_seconds: float | None = None
-    rcode: str | None = None
-    answers: tuple[str, ...] = ()
-    # Wall-clock time the probe started, seconds since the epoch.
-    started_at: float = 0.0
-
-    @property
-    def ok(self) -> bool:
-        return self.outcome is Outcome.SUCCESS
-
+from .model import Outcome, ProbeResult, Protocol, Query
 
 # Largest DNS message over TCP (two-byte length prefix) and the UDP receive buffer.
 _MAX_MESSAGE = 65535

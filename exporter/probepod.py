@@ -29,7 +29,7 @@ from typing import Any
 
 from . import kube
 from .config import Settings, parse_query
-from .probe import Outcome, ProbeResult, Protocol, Query
+from .model import Outcome, ProbeResult, Protocol, Query
 from .remediate import CannotConfirm
 from .targets import Check, Endpoint, Kind, PodInfo, Target
 

@@ -36,7 +36,8 @@ from typing import Any
 from . import kube
 from .collector import ProcessMetrics
 from .config import Remediation, Settings
-from .probe import Outcome, ProbeResult, Protocol, Query, probe
+from .model import Outcome, ProbeResult, Protocol, Query
+from .probe import probe
 from .targets import PodInfo, ServiceInfo
 from .webhook import Alert, Payload, parse_time
 

@@ -20,7 +20,8 @@ from typing import Any
 
 from .collector import ProcessMetrics, ResultStore
 from .config import ProbeSettings
-from .probe import Outcome, ProbeHandle, ProbeResult, Query, probe, start_probe
+from .model import Outcome, ProbeResult, Query
+from .probe import ProbeHandle, probe, start_probe
 from .targets import Check, Target, expand_checks
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .probe import Protocol, Query
+from .model import Protocol, Query
 
 # Labels on every per-target series, in exposition order; DESIGN.md fixes the set.
 TARGET_LABELS = ("kind", "namespace", "service", "pod", "node", "address", "protocol", "query")

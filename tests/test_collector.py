@@ -30,7 +30,7 @@ from exporter.exposition import (
     TARGET_INFO_HELP,
     Exposition,
 )
-from exporter.probe import Outcome, ProbeResult, Protocol, Query
+from exporter.model import Outcome, ProbeResult, Protocol, Query
 from exporter.targets import TARGET_LABELS, Check, Endpoint, Kind, Target
 
 QUERY = Query("kubernetes", "kubernetes.default.svc.cluster.local.")

@@ -16,7 +16,7 @@ from exporter.config import (
     load,
     parse_duration,
 )
-from exporter.probe import Protocol
+from exporter.model import Protocol
 
 
 def problems(argv: list[str], env: dict[str, str] | None = None) -> list[str]:

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from exporter.config import Remediation, RemediationSettings, Settings
-from exporter.probe import Outcome, ProbeResult
+from exporter.model import Outcome, ProbeResult
 from exporter.remediate import (
     ANNOTATION,
     Action,

@@ -15,7 +15,7 @@ import pytest
 import urllib3
 
 from exporter import kube
-from exporter.probe import Protocol
+from exporter.model import Protocol
 from exporter.targets import Kind, PodInfo, ServiceInfo, kubernetes_targets
 from tests.harness.cluster import Cluster
 

@@ -13,7 +13,7 @@ import pytest
 from exporter import kube
 from exporter.config import Mode, load
 from exporter.discovery import mode_targets
-from exporter.probe import Outcome, Protocol, Query
+from exporter.model import Outcome, Protocol, Query
 from exporter.probepod import LABELS, ProbePodError, cannot_start, parse_output, pod_manifest
 from exporter.targets import (
     Endpoint,

@@ -23,18 +23,8 @@ import dns.rdatatype
 import dns.rrset
 import pytest
 
-from exporter.probe import (
-    Outcome,
-    ProbeResult,
-    Protocol,
-    Query,
-    Response,
-    _read_fast,
-    evaluate,
-    probe,
-    read_response,
-    start_probe,
-)
+from exporter.model import Outcome, ProbeResult, Protocol, Query
+from exporter.probe import Response, _read_fast, evaluate, probe, read_response, start_probe
 from tests.conftest import StartDNS
 from tests.harness.coredns import (
     ERRATIC_IP,

@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry
 
 from exporter.collector import ResultStore, register
 from exporter.config import ProbeSettings
-from exporter.probe import Outcome, ProbeResult, Protocol, Query
+from exporter.model import Outcome, ProbeResult, Protocol, Query
 from exporter.scheduler import Scheduler
 from exporter.targets import Endpoint, Kind, Target
 from tests.conftest import StartDNS
