@@ -25,7 +25,7 @@ from .discovery import Discovery
 from .exposition import Exposition
 from .model import Outcome, ProbeResult, Protocol, Query
 from .probe import probe
-from .remediate import Action, ApiUnavailable, Decision, Remediator
+from .remediate import NO_KUBERNETES, Action, ApiUnavailable, Decision, Remediator
 from .scheduler import Scheduler
 from .targets import Check, Target, parse_endpoint, read_resolv_conf, static_targets
 from .webhook import MAX_BODY, PayloadError, TokenFile, authorized, parse_payload
@@ -151,6 +151,8 @@ def create_app(settings: Settings, plan: Plan) -> web.Application:
         remediator = Remediator(settings, plan.client, metrics, lambda: discovery.queries)
     else:
         metrics.discovery_synced.set(1)
+        # The one decision a webhook can get here, exported from 0 like every other.
+        metrics.remediations.labels(action=Action.SKIP.value, result=NO_KUBERNETES)
 
     app = web.Application(client_max_size=MAX_BODY)
     app[STATE] = AppState(
@@ -262,7 +264,7 @@ async def _webhook(request: web.Request, state: AppState) -> web.Response:
         log.warning("webhook: bad payload", extra={"fields": {"error": str(exc)}})
         return web.Response(status=400, text=f"bad Alertmanager payload: {exc}\n")
     if state.remediator is None:
-        decisions = [Decision(Action.SKIP, "no_kubernetes", "remediation needs Kubernetes "
+        decisions = [Decision(Action.SKIP, NO_KUBERNETES, "remediation needs Kubernetes "
                               "discovery; this exporter probes static targets")
                      for _ in payload.alerts]
         for d in decisions:

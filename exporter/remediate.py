@@ -80,6 +80,8 @@ class Action(enum.StrEnum):
 SKIP_RESULTS = ("disabled", "not_firing", "no_target", "not_coredns", "duplicate", "cooldown",
                 "not_found", "terminating", "no_service", "replaced", "rollout", "min_ready",
                 "healthy", "forbidden", "cannot_confirm", "same_pod", "too_many_pods")
+# With static targets there is no remediator: the webhook's every alert is this skip.
+NO_KUBERNETES = "no_kubernetes"
 ACT_RESULTS = ("success", "blocked", "gone", "error")
 # A successful act: the reason of its Event, and the verb of its Event and log line.
 DONE = {

@@ -264,11 +264,16 @@ def test_bearer_comparison() -> None:
     assert not authorized("", "s3cret")
 
 
-def test_every_skip_result_is_exported_from_zero() -> None:
+def test_every_skip_result_in_the_code_is_in_the_list_exported_from_zero() -> None:
+    """Every skip the remediator can decide is in SKIP_RESULTS (each exported from 0 by
+    the remediator; tests/test_kubernetes.py and test_serve.py read them from /metrics),
+    and the static exporter's one, no_kubernetes, is named apart."""
     import re
 
-    from exporter import remediate
+    from exporter import app, remediate
 
     source = Path(remediate.__file__).read_text()
     used = set(re.findall(r'skip\("(\w+)"', source))
     assert used == set(remediate.SKIP_RESULTS)
+    assert remediate.NO_KUBERNETES not in remediate.SKIP_RESULTS
+    assert "NO_KUBERNETES" in Path(app.__file__).read_text()

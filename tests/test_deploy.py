@@ -82,8 +82,11 @@ def workloads() -> list[dict[str, Any]]:
     return by_kind(docs, "Deployment") + by_kind(docs, "DaemonSet")
 
 
-@pytest.mark.parametrize("workload", workloads(), ids=lambda w: w["kind"])
-def test_workloads_are_hardened(workload: dict[str, Any]) -> None:
+# By kind, rendered in the test: a missing kubectl skips (or, in CI, fails) the test
+# rather than breaking the collection of the whole module.
+@pytest.mark.parametrize("kind", ["Deployment", "DaemonSet"])
+def test_workloads_are_hardened(kind: str) -> None:
+    [workload] = [w for w in workloads() if w["kind"] == kind]
     pod = workload["spec"]["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["runAsUser"] != 0

@@ -27,6 +27,7 @@ import aiohttp
 import pytest
 
 from alerts.generate import Config
+from exporter.remediate import MAX_PODS_PER_PAYLOAD
 from tests.conftest import LabExporter
 from tests.harness.apiproxy import ApiProxy
 from tests.harness.cluster import Cluster
@@ -66,11 +67,16 @@ def last_success(body: str, pod: str, protocol: str) -> float | None:
 
 def mostly(body: str, pod: str, protocol: str, result: str, at_least: int = 3) -> bool:
     """At least `at_least` probes with `result`, and every probe so far had it; `a|b`: at
-    least that many with a, and every probe a or b."""
+    least that many with a, and every probe a or b. Where success is expected, a busy
+    2-core machine may read an answer after the 0.3 s timeout now and then: one timeout
+    in ten probes is tolerated, nothing else (a fault fails every probe, far above it)."""
     counts = outcomes(body, pod, protocol)
     wanted, *also = result.split("|")
-    return counts.get(wanted, 0) >= at_least and sum(counts.values()) == sum(
-        counts.get(r, 0) for r in (wanted, *also))
+    allowed = {wanted, *also}
+    total = sum(counts.values())
+    late = counts.get("timeout", 0) if wanted == "success" and "timeout" not in allowed else 0
+    other = total - late - sum(counts.get(r, 0) for r in allowed)
+    return counts.get(wanted, 0) >= at_least and other == 0 and late <= total / 10
 
 
 def drop(pod: Pod, protocol: str, probability: float) -> None:
@@ -281,8 +287,11 @@ async def test_a_slow_api_server_slows_neither_probing_nor_scrapes(
     assert mostly(body, later.name, "udp", "success", at_least=1)
     assert elapsed >= 3.0  # it did go through the slow API
     # Rounds never waited for it: one per interval all along (half, for a busy machine).
-    assert counter(body, "dnsprobe_rounds_total") - rounds >= elapsed / INTERVAL / 2
-    assert counter(body, "dnsprobe_round_overruns_total") == 0
+    ran = counter(body, "dnsprobe_rounds_total") - rounds
+    assert ran >= elapsed / INTERVAL / 2
+    # A round waiting on the API would overrun every time; a busy 2-core machine makes one
+    # overrun now and then: at most one round in ten.
+    assert counter(body, "dnsprobe_round_overruns_total") <= max(1, ran / 10)
     assert mostly(body, first.name, "udp", "success")
     # The webhook waits for the API (it must read before it acts), and then decides right.
     status, answer = await post(exporter, payload(alert(first, lab.namespace)))
@@ -445,10 +454,13 @@ async def test_a_flood_is_bounded_and_slows_nothing_else(static_exporter: Export
                                      for _ in range(32)))
     assert {s for s, _ in answers} == {503}
     body = await scrape_until(static_exporter.url, lambda b: True)
-    probes = counter(body, "dnsprobe_probes_total")
+    probes, rounds = counter(body, "dnsprobe_probes_total"), counter(body, "dnsprobe_rounds_total")
     body = await scrape_until(static_exporter.url,
                               lambda b: counter(b, "dnsprobe_probes_total") > probes + 4)
-    assert counter(body, "dnsprobe_round_overruns_total") == 0
+    assert counter(body, "dnsprobe_probes_total") > probes + 4
+    # Held requests would stall every round; a busy machine may make one round in ten late.
+    ran = counter(body, "dnsprobe_rounds_total") - rounds
+    assert counter(body, "dnsprobe_round_overruns_total") <= max(1, ran / 10)
     for _, writer in held:
         writer.close()
     assert static_exporter.logged("webhook: too many requests at once; answering 503 until "
@@ -484,7 +496,12 @@ async def test_thousands_of_alerts_in_one_payload_cost_few_api_calls_and_act_onc
         counts[f"{action}/{result}"] = counts.get(f"{action}/{result}", 0) + 1
     assert counts.pop("evict/success") == 1
     assert counts.pop("skip/not_coredns") == 600
-    assert set(counts) <= {"skip/same_pod", "skip/cooldown", "skip/too_many_pods"}, counts
+    # The sick pod's other 1199 alerts are the same pod; of the 600 other CoreDNS pods the
+    # first MAX_PODS_PER_PAYLOAD - 1 are judged (the cooldown of the eviction holds them),
+    # the rest are beyond the limit: each limit triggers, exactly as often as it should.
+    judged = MAX_PODS_PER_PAYLOAD - 1
+    assert counts == {"skip/same_pod": 1199, "skip/cooldown": judged,
+                      "skip/too_many_pods": 600 - judged}, counts
     assert evicted(lab, sick) and not evicted(lab, healthy)
     # Per judged pod a handful of reads; 20 pods at most: not thousands of calls.
     assert len(api_proxy.requests) - before < 200, len(api_proxy.requests) - before

@@ -247,7 +247,8 @@ async def test_service_account_without_list_permission_says_which(
         return bool(series(body, "dnsprobe_kubernetes_errors_total", resource="pods",
                            reason="forbidden"))
 
-    await scrape_until(exporter.url, refused)
+    body = await scrape_until(exporter.url, refused)
+    assert refused(body), body
     logs = exporter.logs_until(lambda log: any(
         r.get("msg", "").startswith("Kubernetes API error") and r.get("watch") == "pods"
         for r in log))

@@ -69,6 +69,10 @@ async def test_scrape_shows_per_target_series_with_every_label(
     for s in per_target:
         assert set(TARGET_LABELS) <= set(s.labels), s
         assert {k: s.labels[k] for k in expected} == expected
+    # Static targets: no remediator, and the webhook's one decision is exported from 0.
+    decisions = {(s.labels["action"], s.labels["result"]): s.value for s in samples(body)
+                 if s.name == "dnsprobe_remediations_total"}
+    assert decisions == {("skip", "no_kubernetes"): 0}, decisions
     # every outcome is exported from the start, so rate() sees the first failure
     results = {s.labels["result"] for s in per_target if s.name == "dnsprobe_probes_total"}
     assert results == {"success", "timeout", "unreachable", "rcode", "wrong_answer",
@@ -138,8 +142,12 @@ async def test_health_readiness_and_status_page(
     exporter: Exporter, two_servers: tuple[CoreDNS, CoreDNS]
 ) -> None:
     assert (await scrape(exporter.url, "/-/healthy"))[0] == 200
-    assert (await scrape(exporter.url, "/-/ready"))[0] == 200
-    await scrape_until(exporter.url, _all_probed)
+    # Static targets are ready from the start (no discovery to wait for), and the metric
+    # readiness stands on says the same.
+    status, _, text = await scrape(exporter.url, "/-/ready")
+    assert status == 200, text
+    body = await scrape_until(exporter.url, _all_probed)
+    assert value(body, "dnsprobe_discovery_synced") == 1
     status, ctype, page = await scrape(exporter.url, "/")
     assert status == 200 and ctype.startswith("text/html")
     for server in two_servers:
@@ -188,7 +196,8 @@ async def test_udp_dead_server_scraped_inside_its_namespace(
         assert timed_out(body)
     finally:
         assert proc.stop() == 0
-    assert json.dumps(proc.logs)  # logs are JSON lines throughout
+    # --log-format json: every line it wrote, start to stop, is one JSON object.
+    assert proc.raw and all(isinstance(json.loads(line), dict) for line in proc.raw), proc.raw
 
 
 async def test_outcome_changes_are_logged_once_not_every_round(
@@ -200,10 +209,15 @@ async def test_outcome_changes_are_logged_once_not_every_round(
     )
     assert (value(body, "dnsprobe_rounds_total") or 0) >= 4
     changes = [r for r in exporter.logs if r.get("msg") == "probe outcome changed"]
-    assert sorted((r["address"], r["protocol"], r["outcome"]) for r in changes) == [
-        (broken.address, "tcp", "rcode"), (broken.address, "udp", "rcode")
-    ]
-    assert all(r["level"] == "warning" and "SERVFAIL" in r["reason"] for r in changes)
+    # The broken server: one line per protocol, once, in four rounds or more. (The healthy
+    # one may log a late answer's timeout and its recovery on a busy machine; those lines
+    # are changes too, and say so.)
+    broken_changes = [r for r in changes if r["address"] == broken.address]
+    assert sorted((r["protocol"], r["outcome"]) for r in broken_changes) == [
+        ("tcp", "rcode"), ("udp", "rcode")]
+    assert all(r["level"] == "warning" and "SERVFAIL" in r["reason"] for r in broken_changes)
+    assert all(r["outcome"] in ("timeout", "success") for r in changes
+               if r["address"] != broken.address), changes
 
 
 async def test_webhook_cuts_off_a_body_that_trickles_in(
