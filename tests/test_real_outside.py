@@ -236,10 +236,11 @@ async def test_in_probe_pod_mode_a_probe_pod_confirms_before_a_restart(
         healthy = sorted(set(ready_coredns(real)) - {udp_dead})[0]
         status, answer = await post(exporter, payload(alert(healthy, "kube-system")))
         assert status == 200, answer
-        assert results(answer) == [(healthy, "skip", "healthy")]
+        assert results(answer) == [(healthy, "skip", "healthy")], answer
         status, answer = await post(exporter, payload(alert(udp_dead, "kube-system")))
         assert status == 200, answer
-        assert results(answer) == [(udp_dead, "evict", "success")]
+        # The decision's message says why when it is not an eviction (the probe pod's error).
+        assert results(answer) == [(udp_dead, "evict", "success")], (answer, exporter.raw[-20:])
     finally:
         exporter.stop()
     assert await wait_until(lambda: bool(evictions(real, seen)), 15)
