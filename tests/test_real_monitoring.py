@@ -96,8 +96,9 @@ def monitored(real_cluster: RealCluster) -> Iterator[Monitored]:
         real.kubectl("apply", "-k", str(overlay))
         # The Operator as upstream ships it, its CRDs first.
         operator.install_crds(real)
-        real.kubectl("create", "namespace", operator.NAMESPACE)
-        real.cluster.await_default_account(operator.NAMESPACE)
+        for namespace in (operator.NAMESPACE, operator.PLAIN_NAMESPACE):
+            real.kubectl("create", "namespace", namespace)
+            real.cluster.await_default_account(namespace)
         operator.apply(real, operator.operator_objects())
         operator.rollout(real, "deployment/prometheus-operator")
         operator.apply(real, operator.reconciled_objects())
@@ -110,26 +111,29 @@ def monitored(real_cluster: RealCluster) -> Iterator[Monitored]:
         real.kubectl("-n", NAMESPACE, "rollout", "status", "deployment/coredns-health-exporter",
                      "daemonset/coredns-health-exporter-node", "--timeout=180s", timeout=190)
         operator.rollout(real, f"deployment/{operator.PLAIN_PROMETHEUS}",
-                         f"deployment/{operator.PLAIN_ALERTMANAGER}")
+                         f"deployment/{operator.PLAIN_ALERTMANAGER}",
+                         namespace=operator.PLAIN_NAMESPACE)
         operator.await_statefulset(real, operator.PROMETHEUS_SET)
         operator.await_statefulset(real, operator.ALERTMANAGER_SET)
         with contextlib.ExitStack() as relays:
-            def url(selector: str, port: int) -> str:
-                address = f"{operator.pod_ip(real, selector)}:{port}"
+            def url(selector: str, port: int, namespace: str = operator.NAMESPACE) -> str:
+                address = f"{operator.pod_ip(real, selector, namespace)}:{port}"
                 return "http://" + relays.enter_context(real.cluster.exposed(address))
 
             plain = "app.kubernetes.io/instance=plain,app.kubernetes.io/name="
             stacks = {
                 "operator": Stack("operator", url("prometheus=k8s", 9090),
                                   url("alertmanager=main", 9093)),
-                "plain": Stack("plain", url(plain + "prometheus", 9090),
-                               url(plain + "alertmanager", 9093))}
+                "plain": Stack("plain",
+                               url(plain + "prometheus", 9090, operator.PLAIN_NAMESPACE),
+                               url(plain + "alertmanager", 9093, operator.PLAIN_NAMESPACE))}
             yield Monitored(
                 real, stacks,
                 real.pods(NAMESPACE, "app.kubernetes.io%2Fname%3Dcoredns-health-exporter"),
                 real.pods(NAMESPACE, "app.kubernetes.io%2Fname%3Dcoredns-health-exporter-node"))
     finally:
-        real.kubectl("delete", "namespace", operator.NAMESPACE, "--ignore-not-found",
+        real.kubectl("delete", "namespace", operator.NAMESPACE, operator.PLAIN_NAMESPACE,
+                     "--ignore-not-found",
                      "--wait=true", "--timeout=120s", timeout=130)
         real.kubectl("delete", "-k", str(shipped_operator), "--ignore-not-found", "--wait=false")
         real.kubectl("delete", "clusterrolebinding,clusterrole", "prometheus",

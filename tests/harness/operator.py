@@ -25,6 +25,10 @@ from .node import MONITORING_IMAGES
 from .realcluster import RealCluster
 
 NAMESPACE = "monitoring"
+# The plain stack's own namespace: the Operator's `alertmanager-operated` Service selects
+# every pod labelled app.kubernetes.io/name=alertmanager in its namespace, so a plain
+# Alertmanager beside it would receive the Operator's Prometheus' alerts too.
+PLAIN_NAMESPACE = "monitoring-plain"
 PROMETHEUS_VERSION, ALERTMANAGER_VERSION, OPERATOR_VERSION = "v3.16.0", "v0.35.0", "v0.85.0"
 PROMETHEUS_IMAGE = MONITORING_IMAGES["prometheus.tar"]
 ALERTMANAGER_IMAGE = MONITORING_IMAGES["alertmanager.tar"]
@@ -102,12 +106,12 @@ def plain_objects(scrape_configs: list[dict[str, Any]], rules: str,
     Operator's Prometheus."""
     labels = {"app.kubernetes.io/name": "prometheus", "app.kubernetes.io/instance": "plain"}
     am_labels = {"app.kubernetes.io/name": "alertmanager", "app.kubernetes.io/instance": "plain"}
-    meta = {"namespace": NAMESPACE}
+    meta = {"namespace": PLAIN_NAMESPACE}
     prometheus_config = {
         "global": {"scrape_interval": "15s", "evaluation_interval": "15s"},
         "rule_files": ["/etc/prometheus/rules/*.yaml"],
         "alerting": {"alertmanagers": [{"static_configs": [
-            {"targets": [f"{PLAIN_ALERTMANAGER}.{NAMESPACE}:9093"]}]}]},
+            {"targets": [f"{PLAIN_ALERTMANAGER}.{PLAIN_NAMESPACE}:9093"]}]}]},
         "scrape_configs": scrape_configs,
     }
     secure = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
@@ -135,7 +139,7 @@ def plain_objects(scrape_configs: list[dict[str, Any]], rules: str,
          "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
                      "name": "prometheus"},
          "subjects": [{"kind": "ServiceAccount", "name": PLAIN_PROMETHEUS,
-                       "namespace": NAMESPACE}]},
+                       "namespace": PLAIN_NAMESPACE}]},
         {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": PLAIN_PROMETHEUS, **meta},
          "data": {"prometheus.yml": yaml.safe_dump(prometheus_config)}},
         {"apiVersion": "v1", "kind": "ConfigMap",
@@ -190,9 +194,10 @@ def install_crds(real: RealCluster) -> None:
                  timeout=70)
 
 
-def rollout(real: RealCluster, *workloads: str, timeout: int = 240) -> None:
+def rollout(real: RealCluster, *workloads: str, timeout: int = 240,
+            namespace: str = NAMESPACE) -> None:
     for workload in workloads:
-        real.kubectl("-n", NAMESPACE, "rollout", "status", workload, f"--timeout={timeout}s",
+        real.kubectl("-n", namespace, "rollout", "status", workload, f"--timeout={timeout}s",
                      timeout=timeout + 10)
 
 
@@ -212,8 +217,8 @@ def generated_config(real: RealCluster, secret: str, key: str) -> str:
     return (gzip.decompress(raw) if key.endswith(".gz") else raw).decode()
 
 
-def pod_ip(real: RealCluster, selector: str) -> str:
-    [pod] = [p for p in real.pods(NAMESPACE, urllib.parse.quote(selector, safe=","))
+def pod_ip(real: RealCluster, selector: str, namespace: str = NAMESPACE) -> str:
+    [pod] = [p for p in real.pods(namespace, urllib.parse.quote(selector, safe=","))
              if not p["metadata"].get("deletionTimestamp")]
     ip: str = pod["status"]["podIP"]
     return ip
