@@ -7,7 +7,6 @@ CoreDNSPodUDPFailing to its webhook with a bearer token. Stopped by their PIDs."
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import urllib.error
 import urllib.parse
@@ -17,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from .cluster import Process, run_all
+from .cluster import Process, free_port, run_all
 from .components import MONITORING_BIN, monitoring_missing
 from .lab import Lab
 from .netns import NetNS
@@ -121,13 +120,6 @@ class Monitoring:
 
     def stop(self) -> None:
         run_all([p.stop for p in self.processes] + [r.stop for r in self.relays])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class Backfilled:
