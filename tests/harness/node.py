@@ -279,6 +279,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         resolv = self.workdir / "resolv.conf"
         resolv.write_text(f"nameserver {self.cluster.upstream_ip}\n")
         path = self.workdir / "kubelet.yaml"
+        logs = (self.workdir / "pod-logs").resolve()
+        logs.mkdir(parents=True, exist_ok=True)
         config = {
             "apiVersion": "kubelet.config.k8s.io/v1beta1",
             "kind": "KubeletConfiguration",
@@ -303,6 +305,11 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             "registerNode": True,
             "podCIDR": self.pod_cidr,
             "shutdownGracePeriod": "0s",
+            # Its own, not the host's /var/log/pods: the nodes share one filesystem, and
+            # a kubelet's container GC removes every pod log directory of a pod it does
+            # not know (ShouldPodContentBeRemoved), so worker-2's deleted worker-1's
+            # logs, of running containers too, once a minute.
+            "podLogsDir": str(logs),
         }
         path.write_text(json.dumps(config, indent=2))
         return path
