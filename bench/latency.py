@@ -26,10 +26,10 @@ from pathlib import Path
 
 from aiohttp import web
 
-from exporter.app import STATE, Plan, create_app
 from exporter.config import load
-from exporter.model import ProbeResult, Protocol
-from exporter.targets import Check, Endpoint, Kind, Target
+from exporter.model import Check, Endpoint, Kind, ProbeResult, Protocol, Target
+from exporter.root import Plan, create_app
+from exporter.web.state import STATE
 
 from .capture import start as start_capture
 from .common import DNS_PORT, QUERY, free_port, percentile

@@ -12,11 +12,10 @@ import asyncio
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from exporter.collector import ResultStore, register
 from exporter.config import ProbeSettings
-from exporter.model import ProbeResult, Protocol
-from exporter.scheduler import Scheduler
-from exporter.targets import Check, Endpoint, Kind, Target
+from exporter.metrics.store import ResultStore, register
+from exporter.model import Check, Endpoint, Kind, ProbeResult, Protocol, Target
+from exporter.probing.scheduler import Scheduler
 
 from .common import DNS_PORT, QUERY, percentile
 

@@ -17,16 +17,10 @@ from typing import Any
 
 from aiohttp import web
 
-from . import __version__, kube, logs, modes
-from .app import Plan, create_app, default_query, plan_targets
-from .collector import ResultStore
-from .config import ConfigError, Mode, Settings, load
-from .discovery import DiscoveryError, discover_once
-from .model import ProbeResult
-from .portforward import PortForward
-from .probepod import ProbePod, ProbePodError
-from .scheduler import Scheduler
-from .targets import TARGET_LABELS, Check
+from . import __version__, logs, root
+from .config import ConfigError, Settings, load
+from .model import TARGET_LABELS, Check, ProbeResult
+from .root import Plan
 
 log = logging.getLogger("exporter")
 
@@ -47,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _config_error(exc)
     logs.setup(settings.log_format)
     try:
-        plan = plan_targets(settings)
+        plan = root.plan_targets(settings)
     except ConfigError as exc:
         return _config_error(exc)
     # `check` is a command-line tool: its effective config is there for --log-level debug
@@ -108,22 +102,13 @@ def format_table(rows: list[tuple[Check, ProbeResult]]) -> str:
 
 
 async def check(settings: Settings, plan: Plan) -> int:
-    targets, queries = plan.targets, plan.queries
-    scheduler = Scheduler(settings.probe, ResultStore())
-    if plan.client is None:
-        scheduler.set_targets(targets, queries)
-        rows = await scheduler.run_once()
-    else:
-        try:
-            rows = await _check_kubernetes(settings, plan.client, scheduler)
-        except (DiscoveryError, modes.NoMode, ProbePodError) as exc:
-            print(f"coredns-health-exporter: {exc}", file=sys.stderr)
-            if settings.json_output:  # a reader of stdout gets the failure as JSON too
-                print(json.dumps({"healthy": False, "error": str(exc), "results": []},
-                                 indent=2))
-            return EXIT_UNHEALTHY
-        finally:
-            plan.client.close()
+    try:
+        rows = await root.check(settings, plan)
+    except root.CannotCheck as exc:
+        print(f"coredns-health-exporter: {exc}", file=sys.stderr)
+        if settings.json_output:  # a reader of stdout gets the failure as JSON too
+            print(json.dumps({"healthy": False, "error": str(exc), "results": []}, indent=2))
+        return EXIT_UNHEALTHY
     healthy = bool(rows) and all(result.ok for _, result in rows)
     if settings.json_output:
         data = {"healthy": healthy, "results": [result_record(c, r) for c, r in rows]}
@@ -135,46 +120,11 @@ async def check(settings: Settings, plan: Plan) -> int:
     return EXIT_OK if healthy else EXIT_UNHEALTHY
 
 
-async def _check_kubernetes(
-    settings: Settings, client: kube.Client, scheduler: Scheduler
-) -> list[tuple[Check, ProbeResult]]:
-    """Decide the mode once, discover once, and probe once that way."""
-    try:
-        selection = await modes.select(settings, client, default_query(settings))
-    except (modes.NoMode, DiscoveryError):
-        raise
-    except Exception as exc:
-        problem = kube.classify(exc, "create", "selfsubjectaccessreviews", "")
-        raise DiscoveryError(f"cannot decide the mode: {problem.message}") from exc
-    log.info("mode chosen", extra={"fields": {"mode": selection.mode.value,
-                                              "reason": selection.reason,
-                                              "skipped": selection.skipped}})
-    try:
-        targets, queries = await discover_once(
-            settings, client, lambda expect: default_query(settings, expect), selection.mode)
-    except DiscoveryError as exc:
-        raise DiscoveryError(f"cannot discover targets: {exc}") from exc
-    scheduler.set_targets(targets, queries)
-    if selection.mode is Mode.PROBE_POD:
-        pods = ProbePod(settings, client)
-        results = await pods.round(scheduler.checks)
-        return [(c, results[c]) for c in scheduler.checks if c in results]
-    forward = None
-    if selection.mode is Mode.PORT_FORWARD:
-        forward = PortForward(client)
-        scheduler.transport = forward.probe
-    try:
-        return await scheduler.run_once()
-    finally:
-        if forward is not None:
-            await forward.close()
-
-
 # --- serve ---
 
 
 async def serve(settings: Settings, plan: Plan) -> int:
-    app = create_app(settings, plan)
+    app = root.create_app(settings, plan)
     # lingering_time: how long an unread request body (a client cut off with 408 or 413) is
     # drained after the answer; aiohttp's 10 s default would hold shutdown that long.
     runner = web.AppRunner(app, handle_signals=False, access_log=None, lingering_time=1.0)

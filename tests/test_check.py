@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from exporter.targets import TARGET_LABELS
+from exporter.model import TARGET_LABELS
 from tests.conftest import StartDNS
 from tests.harness.coredns import KUBERNETES_IP, Behaviour, CoreDNS
 from tests.harness.netns import NetNS

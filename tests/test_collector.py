@@ -22,16 +22,25 @@ from prometheus_client.openmetrics.parser import (
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
-from exporter.collector import BUCKETS, OUTCOMES, ResultStore, register
-from exporter.exposition import (
+from exporter.metrics.exposition import (
     DURATION_HELP,
     PROBES_HELP,
     SUCCESS_HELP,
     TARGET_INFO_HELP,
     Exposition,
 )
-from exporter.model import Outcome, ProbeResult, Protocol, Query
-from exporter.targets import TARGET_LABELS, Check, Endpoint, Kind, Target
+from exporter.metrics.store import BUCKETS, OUTCOMES, ResultStore, register
+from exporter.model import (
+    TARGET_LABELS,
+    Check,
+    Endpoint,
+    Kind,
+    Outcome,
+    ProbeResult,
+    Protocol,
+    Query,
+    Target,
+)
 
 QUERY = Query("kubernetes", "kubernetes.default.svc.cluster.local.")
 
@@ -83,7 +92,7 @@ def setup() -> tuple[Scrape, ResultStore]:
     registry = CollectorRegistry()
     store = ResultStore()
     register(registry)
-    return Scrape(Exposition(store, {}, registry)), store
+    return Scrape(Exposition(store, registry)), store
 
 
 def test_success_histogram_and_counters() -> None:
@@ -174,12 +183,12 @@ def _awkward_store() -> tuple[ResultStore, dict[Target, bool]]:
     store = ResultStore()
     names = ['plain', 'quote"d', "back\\slash", "new\nline", "ünïcode", ""]
     checks = [pod_check(n, p) for n in names for p in Protocol]
-    store.retain(checks)
+    pod_ready = {check.target: i % 2 == 0 for i, check in enumerate(checks)}
+    store.retain(checks, pod_ready)
     for i, check in enumerate(checks):
         for j, outcome in enumerate(Outcome):
             rtt = None if outcome is Outcome.TIMEOUT else 0.0001 * (i + 1) * (j + 1) ** 3
             store.record(check, ProbeResult(outcome, "x", rtt_seconds=rtt))
-    pod_ready = {check.target: i % 2 == 0 for i, check in enumerate(checks)}
     return store, pod_ready
 
 
@@ -191,7 +200,7 @@ def _both(accept: str, encoder: Callable[[CollectorRegistry], bytes],
     reference = CollectorRegistry()
     reference.register(Reference(store, pod_ready))
     register(reference)
-    ours = render(Exposition(store, pod_ready, registry), accept)
+    ours = render(Exposition(store, registry), accept)
     theirs = encoder(reference).decode()
     return samples(ours, openmetrics), samples(theirs, openmetrics), ours
 

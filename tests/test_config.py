@@ -9,13 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from exporter.config import (
-    ConfigError,
-    LogFormat,
-    Remediation,
-    load,
-    parse_duration,
-)
+from exporter.config import ConfigError, LogFormat, Remediation, load, parse_duration
 from exporter.model import Protocol
 
 

@@ -27,7 +27,7 @@ import aiohttp
 import pytest
 
 from alerts.generate import Config
-from exporter.remediate import MAX_PODS_PER_PAYLOAD
+from exporter.remediation.remediator import MAX_PODS_PER_PAYLOAD
 from tests.conftest import LabExporter
 from tests.harness.apiproxy import ApiProxy
 from tests.harness.cluster import Cluster

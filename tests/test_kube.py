@@ -1,4 +1,4 @@
-"""kube.py: API objects turned into records, errors named, and the Watcher against the real
+"""exporter/kube: API objects turned into records, errors named, and the Watcher against the real
 test cluster (resume after the server ends a watch, relist on 410 Gone)."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import pytest
 import urllib3
 
 from exporter import kube
-from exporter.model import Protocol
-from exporter.targets import Kind, PodInfo, ServiceInfo, kubernetes_targets
+from exporter.discovery.targets import kubernetes_targets
+from exporter.model import Kind, PodInfo, Protocol, ServiceInfo
 from tests.harness.cluster import Cluster
 
 # -- records -------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from exporter import kube
-from exporter.probepod import LABELS, ProbePod
+from exporter.probing.probepod import LABELS, ProbePod
 from tests.conftest import LabExporter
 from tests.harness.exporter import Exporter
 from tests.harness.lab import LB_ADDRESS, NODE_OUTSIDE, Lab

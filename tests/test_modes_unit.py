@@ -12,18 +12,26 @@ import pytest
 
 from exporter import kube
 from exporter.config import Mode, load
-from exporter.discovery import mode_targets
-from exporter.model import Outcome, Protocol, Query
-from exporter.probepod import LABELS, ProbePodError, cannot_start, parse_output, pod_manifest
-from exporter.targets import (
+from exporter.discovery.targets import exposed_targets
+from exporter.discovery.watch import mode_targets
+from exporter.model import (
     Endpoint,
     Kind,
     NodeInfo,
+    Outcome,
     PodInfo,
+    Protocol,
+    Query,
     ServiceInfo,
     Target,
     expand_checks,
-    exposed_targets,
+)
+from exporter.probing.probepod import (
+    LABELS,
+    ProbePodError,
+    cannot_start,
+    parse_output,
+    pod_manifest,
 )
 
 SELECTOR = (("k8s-app", "kube-dns"),)

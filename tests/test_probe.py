@@ -23,8 +23,9 @@ import dns.rdatatype
 import dns.rrset
 import pytest
 
+from exporter.dns.engine import probe, start_probe
+from exporter.dns.wire import Response, _read_fast, evaluate, read_response
 from exporter.model import Outcome, ProbeResult, Protocol, Query
-from exporter.probe import Response, _read_fast, evaluate, probe, read_response, start_probe
 from tests.conftest import StartDNS
 from tests.harness.coredns import (
     ERRATIC_IP,

@@ -13,9 +13,6 @@ import functools
 import json
 import os
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +25,7 @@ from alerts.generate import MIXIN_ALERTS, OUTPUT, rules
 from tests.harness import operator
 from tests.harness.cluster import NODE_NAMES
 from tests.harness.components import missing, monitoring_missing
-from tests.harness.monitoring import alertmanager_config
+from tests.harness.monitoring import alertmanager_config, get, instant_query
 from tests.harness.realcluster import RealCluster
 from tests.harness.scrape import wait_until
 from tests.test_real_cluster import NAMESPACE, evictions, ready_coredns
@@ -47,19 +44,10 @@ class Stack:
     alertmanager: str
 
     def get(self, url: str) -> Any:
-        try:
-            with urllib.request.urlopen(url, timeout=10) as response:
-                body = response.read()
-        except urllib.error.HTTPError as exc:
-            raise AssertionError(f"{url}: {exc.code}: {exc.read().decode()}") from None
-        return json.loads(body) if body[:1] in (b"{", b"[") else body.decode()
+        return get(url)
 
     def query(self, expr: str) -> list[dict[str, Any]]:
-        answer = self.get(f"{self.prometheus}/api/v1/query?"
-                          + urllib.parse.urlencode({"query": expr}))
-        assert answer["status"] == "success", answer
-        result: list[dict[str, Any]] = answer["data"]["result"]
-        return result
+        return instant_query(self.prometheus, expr)
 
     def requests(self, kind: str) -> float:
         """Alertmanager's own count of webhook requests (`total` or `failed`). Not

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from exporter.probepod import LABELS
+from exporter.probing.probepod import LABELS
 from tests.harness.cluster import CLUSTER_DNS, KUBERNETES_CLUSTER_IP
 from tests.harness.exporter import Exporter
 from tests.harness.netns import NetNS

@@ -11,11 +11,10 @@ import time
 import pytest
 from prometheus_client import CollectorRegistry
 
-from exporter.collector import ResultStore, register
 from exporter.config import ProbeSettings
-from exporter.model import Outcome, ProbeResult, Protocol, Query
-from exporter.scheduler import Scheduler
-from exporter.targets import Endpoint, Kind, Target
+from exporter.metrics.store import ResultStore, register
+from exporter.model import Endpoint, Kind, Outcome, ProbeResult, Protocol, Query, Target
+from exporter.probing.scheduler import Scheduler
 from tests.conftest import StartDNS
 from tests.harness.coredns import KUBERNETES_NAME, Behaviour, CoreDNS
 
@@ -86,17 +85,18 @@ async def test_rounds_record_results_and_count_rounds(healthy_dns: CoreDNS) -> N
 
 def test_a_removed_targets_late_result_logs_nothing(caplog: pytest.LogCaptureFixture) -> None:
     """A probe in flight when its target was removed ends later: its result is dropped
-    from the store, and so are its history entry and its `probe outcome changed` line."""
-    scheduler = Scheduler(ProbeSettings(interval=1, timeout=0.5), ResultStore())
+    from the store, and so is its `probe outcome changed` line."""
+    store = ResultStore()
+    scheduler = Scheduler(ProbeSettings(interval=1, timeout=0.5), store)
     [gone, kept] = targets(2)
     scheduler.set_targets([gone, kept], (QUERY,))
     late = next(c for c in scheduler.checks if c.target == gone)
     live = next(c for c in scheduler.checks if c.target == kept)
     scheduler.set_targets([kept], (QUERY,))
-    with caplog.at_level(logging.INFO, logger="exporter.scheduler"):
+    with caplog.at_level(logging.INFO, logger="exporter.probing.scheduler"):
         scheduler.record(late, ProbeResult(Outcome.TIMEOUT, "no response within 0.5s"))
         scheduler.record(live, ProbeResult(Outcome.TIMEOUT, "no response within 0.5s"))
     changed = [r for r in caplog.records if r.getMessage() == "probe outcome changed"]
     assert [getattr(r, "fields", {}).get("address") for r in changed] == [
         kept.endpoint.address]
-    assert [c for c, _ in scheduler.history] == [live]
+    assert list(store.latest()) == [live]

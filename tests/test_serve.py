@@ -13,7 +13,7 @@ from pathlib import Path
 import aiohttp.web
 import pytest
 
-from exporter.targets import TARGET_LABELS
+from exporter.model import TARGET_LABELS
 from tests.conftest import StartDNS
 from tests.harness.coredns import Behaviour, CoreDNS
 from tests.harness.exporter import Exporter
@@ -101,7 +101,9 @@ async def test_probe_endpoint_runs_one_probe(
     status, _, body = await scrape(exporter.url, f"/probe?target={healthy.address}&protocol=tcp")
     assert status == 200
     assert value(body, "dnsprobe_success") == 1
-    assert (value(body, "dnsprobe_duration_seconds") or 0) > 0
+    # A histogram, as on /metrics, of this one probe.
+    assert value(body, "dnsprobe_duration_seconds_count") == 1
+    assert (value(body, "dnsprobe_duration_seconds_sum") or 0) > 0
     status, _, body = await scrape(exporter.url, f"/probe?target={broken.address}")
     assert value(body, "dnsprobe_success") == 0
     assert value(body, "dnsprobe_outcome", result="rcode", rcode="SERVFAIL") == 1
@@ -224,15 +226,16 @@ async def test_webhook_cuts_off_a_body_that_trickles_in(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A client that sends its headers and then the body a byte at a time gets 408."""
-    from exporter import app as app_module
+    from exporter import root
     from exporter.config import load
+    from exporter.web import webhook
 
-    monkeypatch.setattr(app_module, "BODY_TIMEOUT", 0.5)
+    monkeypatch.setattr(webhook, "BODY_TIMEOUT", 0.5)
     token = tmp_path / "token"
     token.write_text("t0ken")
     settings = load(["serve", "--server", "127.0.0.1:1", "--webhook-token-file", str(token)])
-    runner = aiohttp.web.AppRunner(app_module.create_app(settings, app_module.plan_targets(
-        settings)), lingering_time=1.0)  # as serve() runs it
+    runner = aiohttp.web.AppRunner(root.create_app(settings, root.plan_targets(settings)),
+                                   lingering_time=1.0)  # as serve() runs it
     await runner.setup()
     site = aiohttp.web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()

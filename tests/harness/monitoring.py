@@ -25,6 +25,27 @@ from .relay import Relay
 PROMETHEUS_PORT, ALERTMANAGER_PORT = 9090, 9093
 
 
+def get(url: str) -> Any:
+    """GET `url`: its JSON (an object or a list), else its text. AssertionError with the
+    body when the answer is an HTTP error (Prometheus and Alertmanager say why there)."""
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            body = response.read()
+    except urllib.error.HTTPError as exc:
+        raise AssertionError(f"{url}: {exc.code}: {exc.read().decode()}") from None
+    return json.loads(body) if body[:1] in (b"{", b"[") else body.decode()
+
+
+def instant_query(prometheus: str, expr: str, at: float | None = None) -> list[dict[str, Any]]:
+    """The result vector of an instant query (at `at`, else now) of the Prometheus at the
+    URL `prometheus`; AssertionError with the reason if it fails."""
+    params = {"query": expr} | ({"time": f"{at:.3f}"} if at is not None else {})
+    answer = get(f"{prometheus}/api/v1/query?" + urllib.parse.urlencode(params))
+    assert answer["status"] == "success", answer
+    result: list[dict[str, Any]] = answer["data"]["result"]
+    return result
+
+
 def binaries_missing() -> str | None:
     return monitoring_missing("prometheus", "alertmanager")
 
@@ -98,24 +119,13 @@ class Monitoring:
             self.stop()
             raise
 
-    def _get(self, url: str) -> Any:
-        try:
-            with urllib.request.urlopen(url, timeout=10) as response:
-                return json.loads(response.read())
-        except urllib.error.HTTPError as exc:  # Prometheus says what is wrong in the body
-            raise AssertionError(f"{url}: {exc.code}: {exc.read().decode()}") from None
-
     def query(self, expr: str) -> list[dict[str, Any]]:
         """An instant query's result vector; AssertionError with the reason if it fails."""
-        url = f"{self.prometheus}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
-        answer = self._get(url)
-        assert answer["status"] == "success", answer
-        result: list[dict[str, Any]] = answer["data"]["result"]
-        return result
+        return instant_query(self.prometheus, expr)
 
     def firing(self) -> list[dict[str, Any]]:
         """Alerts Alertmanager holds (active ones)."""
-        alerts: list[dict[str, Any]] = self._get(f"{self.alertmanager}/api/v2/alerts")
+        alerts: list[dict[str, Any]] = get(f"{self.alertmanager}/api/v2/alerts")
         return alerts
 
     def stop(self) -> None:
@@ -150,16 +160,7 @@ class Backfilled:
         self.process.await_ready(self.url + "/-/ready", timeout=60)
 
     def query(self, expr: str, at: float) -> list[dict[str, Any]]:
-        url = f"{self.url}/api/v1/query?" + urllib.parse.urlencode(
-            {"query": expr, "time": f"{at:.3f}"})
-        try:
-            with urllib.request.urlopen(url, timeout=10) as response:
-                answer = json.loads(response.read())
-        except urllib.error.HTTPError as exc:
-            raise AssertionError(f"{expr}: {exc.code}: {exc.read().decode()}") from None
-        assert answer["status"] == "success", answer
-        result: list[dict[str, Any]] = answer["data"]["result"]
-        return result
+        return instant_query(self.url, expr, at)
 
     def stop(self) -> None:
         self.process.stop()

@@ -27,11 +27,11 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from . import kube
-from .config import Settings, parse_query
-from .model import Outcome, ProbeResult, Protocol, Query
-from .remediate import CannotConfirm
-from .targets import Check, Endpoint, Kind, PodInfo, Target
+from .. import kube
+from ..config import Settings, parse_query
+from ..metrics.store import ProcessMetrics
+from ..model import Check, Outcome, PodInfo, ProbeResult, Query
+from .scheduler import RoundFailed
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ WAIT_GRACE = 15
 LEFTOVER_AGE = 600.0
 
 
-class ProbePodError(Exception):
+class ProbePodError(RoundFailed):
     """A round could not produce results; the message says why."""
 
 
@@ -170,12 +170,23 @@ def _age(pod: PodInfo, now: datetime) -> float:
     return (now - created).total_seconds()
 
 
-class ProbePod:
-    """Runs probe rounds in pods; one round at a time."""
+# Seconds between probe pod rounds at the least: each round is a pod created, scheduled,
+# run and deleted, which a 5 s --interval would turn into a pod every 5 s.
+PROBE_POD_MIN_INTERVAL = 15.0
 
-    def __init__(self, settings: Settings, client: kube.Client) -> None:
+
+class ProbePod:
+    """Runs probe rounds in pods, one round at a time: the scheduler's transport in
+    probe-pod mode (scheduler.Rounds), and the remediator's way to confirm."""
+
+    name = "probe pod"
+    min_interval = PROBE_POD_MIN_INTERVAL
+
+    def __init__(self, settings: Settings, client: kube.Client,
+                 metrics: ProcessMetrics | None = None) -> None:
         self._settings = settings
         self._client = client
+        self._metrics = metrics
         self._namespace = settings.probe_pod.namespace
         self.instance = secrets.token_hex(6)
         self._stop = threading.Event()
@@ -185,7 +196,15 @@ class ProbePod:
         self._stop.set()
 
     async def round(self, checks: Sequence[Check]) -> dict[Check, ProbeResult]:
-        return await asyncio.to_thread(self.run, checks)
+        try:
+            results = await asyncio.to_thread(self.run, checks)
+        except ProbePodError:
+            if self._metrics:
+                self._metrics.probe_pod_runs.labels(result="failed").inc()
+            raise
+        if self._metrics:
+            self._metrics.probe_pod_runs.labels(result="success").inc()
+        return results
 
     def run(self, checks: Sequence[Check]) -> dict[Check, ProbeResult]:
         """One round, blocking: clean up, create, wait, read, delete. ProbePodError."""
@@ -250,22 +269,3 @@ class ProbePod:
                                        "phase": pod.phase}})
             with contextlib.suppress(Exception):
                 self._client.delete_pod(self._namespace, pod.name, pod.uid, dry_run=False)
-
-
-async def confirm(pods: ProbePod, dns_port: int, pod: PodInfo,
-                  queries: tuple[Query, ...]) -> ProbeResult:
-    """One try of remediation's confirming probe in probe-pod mode (the remediator makes
-    up to two): the pod probed over UDP from a probe pod, every query; the first result
-    that fails, else the last one's pass. CannotConfirm when the round gave no result for
-    every query: a round that failed says nothing about the CoreDNS pod."""
-    target = Target(Kind.POD, Endpoint(pod.ips[0], dns_port), pod.namespace, pod=pod.name,
-                    node=pod.node)
-    checks = [Check(target, Protocol.UDP, q) for q in queries]
-    try:
-        results = await pods.round(checks)
-    except ProbePodError as exc:
-        raise CannotConfirm(f"the probe pod that was to confirm it failed: {exc}") from exc
-    if len(results) < len(checks):
-        raise CannotConfirm("the probe pod that was to confirm it gave no result for "
-                            f"{len(checks) - len(results)} of {len(checks)} queries")
-    return next((results[c] for c in checks if not results[c].ok), results[checks[-1]])

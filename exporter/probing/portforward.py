@@ -19,10 +19,9 @@ import logging
 
 import aiohttp
 
-from . import kube
-from .model import Outcome, ProbeResult
-from .probe import StreamError, probe_stream
-from .targets import Check
+from .. import kube
+from ..dns.stream import StreamError, probe_stream
+from ..model import Check, Outcome, ProbeResult
 
 log = logging.getLogger(__name__)
 

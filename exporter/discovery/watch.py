@@ -24,20 +24,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from . import kube
-from .collector import ProcessMetrics
-from .config import DEFAULT_QUERY_LABEL, Mode, Settings
-from .model import Protocol, Query
-from .scheduler import Scheduler
-from .targets import (
-    Kind,
-    NodeInfo,
-    PodInfo,
-    ServiceInfo,
-    Target,
-    exposed_targets,
-    kubernetes_targets,
-)
+from .. import kube
+from ..config import DEFAULT_QUERY_LABEL, Mode, Settings, default_query
+from ..metrics.store import ProcessMetrics
+from ..model import Kind, NodeInfo, PodInfo, Protocol, Query, ServiceInfo, Target
+from .targets import exposed_targets, kubernetes_targets
 
 log = logging.getLogger(__name__)
 
@@ -54,44 +45,34 @@ class _Source:
     problem: kube.ApiProblem | None = None
 
 
+# Where discovery hands each new target set: the targets, the queries (the default one
+# with its expected answer), the Ready condition of each pod target (Scheduler.set_targets).
+Publish = Callable[[list[Target], tuple[Query, ...], dict[Target, bool]], None]
+
+
 class Discovery:
-    def __init__(
-        self,
-        settings: Settings,
-        client: kube.Client,
-        scheduler: Scheduler,
-        metrics: ProcessMetrics,
-        default_query: Callable[[tuple[str, ...]], Query],
-        pod_ready: dict[Target, bool] | None = None,
-    ) -> None:
+    """The watches of one mode (`mode_targets` says which targets each mode probes),
+    publishing every change of the target set."""
+
+    def __init__(self, settings: Settings, client: kube.Client, mode: Mode, publish: Publish,
+                 metrics: ProcessMetrics) -> None:
         self._settings = settings
         self._client = client
-        self._scheduler = scheduler
+        self._publish_to = publish
         self._metrics = metrics
-        self._default_query = default_query
+        self.mode = mode
         self._queue: asyncio.Queue[tuple[str, int, kube.WatchEvent]] = asyncio.Queue()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sources = {name: _Source() for name in (SERVICE, PODS, KUBERNETES, EXPOSED,
                                                       NODES)}
-        # How targets are reached (modes.py); set before run().
-        self.mode = Mode.IN_CLUSTER
         self.service: ServiceInfo | None = None
         self.pods: dict[str, PodInfo] = {}
         self.exposed: dict[str, ServiceInfo] = {}  # nodeport mode: Services in the namespace
         self.nodes: dict[str, NodeInfo] = {}
         self.kubernetes_ip: str | None = None
         self.synced = False
-        # Per pod target, its Ready condition: the source of dnsprobe_target_info.
-        self.pod_ready: dict[Target, bool] = {} if pod_ready is None else pod_ready
-        self._published: tuple[list[Target], tuple[Query, ...]] | None = None
+        self._published: tuple[list[Target], tuple[Query, ...], dict[Target, bool]] | None = None
         self._warned: set[str] = set()
-
-    @property
-    def queries(self) -> tuple[Query, ...]:
-        """The queries being probed now (the default one with its expected answer)."""
-        if self._published is not None:
-            return self._published[1]
-        return self._settings.probe.queries or (self._default_query(()),)
 
     @property
     def needs_kubernetes_ip(self) -> bool:
@@ -251,7 +232,7 @@ class Discovery:
     # -- targets -----------------------------------------------------------------------
 
     def _queries(self) -> tuple[Query, ...]:
-        return probe_queries(self._settings, self._default_query, self.kubernetes_ip,
+        return probe_queries(self._settings, self.kubernetes_ip,
                              unreadable=self._sources[KUBERNETES].problem is not None)
 
     def _is_synced(self) -> bool:
@@ -281,14 +262,12 @@ class Discovery:
             self.mode, self._settings, self.service, list(self.pods.values()),
             list(self.exposed.values()), list(self.nodes.values()))
         queries = self._queries()
-        self.pod_ready.clear()  # in place: the metrics collector holds this dict
-        self.pod_ready.update(ready)
-        if self._published != (targets, queries):
+        if self._published != (targets, queries, ready):
             before = set(self._published[0]) if self._published else set()
             added = [t for t in targets if t not in before]
             removed = [t for t in before if t not in set(targets)]
-            self._scheduler.set_targets(targets, queries)
-            self._published = (targets, queries)
+            self._publish_to(targets, queries, ready)
+            self._published = (targets, queries, ready)
             log.info(
                 "targets updated",
                 extra={"fields": {
@@ -328,10 +307,8 @@ def mode_targets(
     return targets, ready
 
 
-def probe_queries(
-    settings: Settings, default_query: Callable[[tuple[str, ...]], Query],
-    kubernetes_ip: str | None, unreadable: bool,
-) -> tuple[Query, ...]:
+def probe_queries(settings: Settings, kubernetes_ip: str | None, unreadable: bool
+                  ) -> tuple[Query, ...]:
     """`--query` as given; else the default query, expecting the ClusterIP of
     default/kubernetes, or, where that could not be read, $KUBERNETES_SERVICE_HOST (every
     pod's environment names it), else any address."""
@@ -340,62 +317,83 @@ def probe_queries(
     ip = kubernetes_ip
     if ip is None and unreadable:
         ip = os.environ.get("KUBERNETES_SERVICE_HOST") or None
-    return (default_query((ip,) if ip else ()),)
+    return (default_query(settings, (ip,) if ip else ()),)
 
 
 class DiscoveryError(Exception):
-    """One-shot discovery failed; the message says why."""
+    """Listing for one-shot discovery failed; the message says why, `problem` names it."""
+
+    def __init__(self, message: str, problem: kube.ApiProblem | None = None) -> None:
+        super().__init__(message)
+        self.problem = problem
 
 
-async def discover_once(
-    settings: Settings, client: kube.Client, default_query: Callable[[tuple[str, ...]], Query],
-    mode: Mode = Mode.IN_CLUSTER,
-) -> tuple[list[Target], tuple[Query, ...]]:
-    """List the Service, its pods (or, in nodeport mode, the Services and nodes) and
-    default/kubernetes once (for `check`)."""
+@dataclass(frozen=True)
+class Snapshot:
+    """What the watches of a mode would list, listed once."""
+
+    service: ServiceInfo | None
+    pods: list[PodInfo]
+    exposed: list[ServiceInfo]
+    nodes: list[NodeInfo]
+    kubernetes_ip: str | None = None
+    unreadable: bool = False  # default/kubernetes could not be read (forbidden)
+
+    def targets(self, mode: Mode, settings: Settings) -> list[Target]:
+        return mode_targets(mode, settings, self.service, self.pods, self.exposed,
+                            self.nodes)[0]
+
+
+def list_once(settings: Settings, client: kube.Client, mode: Mode, *, kubernetes: bool
+              ) -> Snapshot:
+    """List, blocking, what the watches of `mode` list: the Service, its pods (or, in
+    nodeport mode, the Services and nodes), and, when `kubernetes`, default/kubernetes.
+    DiscoveryError names the call that failed."""
     d = settings.discovery
+    step = ("list", "services", d.namespace)
+    try:
+        found, _ = client.list_objects("services", d.namespace, convert=kube.service_info,
+                                       field_selector=f"metadata.name={d.service}")
+        service: ServiceInfo | None = found[0] if found else None
+        pods: list[PodInfo] = []
+        exposed: list[ServiceInfo] = []
+        nodes: list[NodeInfo] = []
+        if service is not None and mode is Mode.NODEPORT:
+            exposed, _ = client.list_objects("services", d.namespace, convert=kube.service_info)
+            step = ("list", "nodes", "")
+            nodes, _ = client.list_objects("nodes", "", convert=kube.node_info)
+        elif service is not None and service.selector:
+            step = ("list", "pods", d.namespace)
+            pods, _ = client.list_objects(
+                "pods", d.namespace, label_selector=kube.label_selector(service.selector),
+                convert=kube.pod_info)
+        kubernetes_ip, unreadable = None, False
+        if kubernetes:
+            step = ("list", "services", "default")
+            try:
+                listed, _ = client.list_objects("services", "default", convert=kube.service_info,
+                                                field_selector="metadata.name=kubernetes")
+                ips = listed[0].cluster_ips if listed else ()
+                kubernetes_ip = ips[0] if ips else None
+            except Exception as exc:
+                problem = kube.classify(exc, *step)
+                if problem.reason != "forbidden":
+                    raise
+                log.warning("cannot read default/kubernetes: %s", problem.message)
+                unreadable = True
+    except Exception as exc:
+        problem = kube.classify(exc, *step)
+        raise DiscoveryError(problem.message, problem) from exc
+    return Snapshot(service, pods, exposed, nodes, kubernetes_ip, unreadable)
 
-    def work() -> tuple[list[Target], tuple[Query, ...]]:
-        step = ("list", "services", d.namespace)
-        try:
-            items, _ = client.list_objects("services", d.namespace,
-                                           field_selector=f"metadata.name={d.service}")
-            if not items:
-                raise DiscoveryError(f"Service {d.namespace}/{d.service} not found")
-            service = kube.service_info(items[0])
-            pods: list[PodInfo] = []
-            exposed: list[ServiceInfo] = []
-            nodes: list[NodeInfo] = []
-            if mode is Mode.NODEPORT:
-                exposed, _ = client.list_objects("services", d.namespace,
-                                                 convert=kube.service_info)
-                step = ("list", "nodes", "")
-                nodes, _ = client.list_objects("nodes", "", convert=kube.node_info)
-            elif service.selector:
-                step = ("list", "pods", d.namespace)
-                pods, _ = client.list_objects(
-                    "pods", d.namespace, label_selector=kube.label_selector(service.selector),
-                    convert=kube.pod_info)
-            kubernetes_ip, unreadable = None, False
-            if not settings.probe.queries:
-                step = ("list", "services", "default")
-                try:
-                    found, _ = client.list_objects("services", "default",
-                                                   field_selector="metadata.name=kubernetes")
-                    ips = kube.service_info(found[0]).cluster_ips if found else ()
-                    kubernetes_ip = ips[0] if ips else None
-                except Exception as exc:
-                    problem = kube.classify(exc, *step)
-                    if problem.reason != "forbidden":
-                        raise
-                    log.warning("cannot read default/kubernetes: %s", problem.message)
-                    unreadable = True
-            queries = probe_queries(settings, default_query, kubernetes_ip, unreadable)
-        except DiscoveryError:
-            raise
-        except Exception as exc:
-            raise DiscoveryError(kube.classify(exc, *step).message) from exc
-        targets, _ = mode_targets(mode, settings, service, pods, exposed, nodes)
-        return targets, queries
 
-    return await asyncio.to_thread(work)
+async def discover_once(settings: Settings, client: kube.Client, mode: Mode
+                        ) -> tuple[list[Target], tuple[Query, ...]]:
+    """The targets and queries of `mode`, listed once (for `check`)."""
+    d = settings.discovery
+    snapshot = await asyncio.to_thread(list_once, settings, client, mode,
+                                       kubernetes=not settings.probe.queries)
+    if snapshot.service is None:
+        raise DiscoveryError(f"Service {d.namespace}/{d.service} not found")
+    queries = probe_queries(settings, snapshot.kubernetes_ip, snapshot.unreadable)
+    return snapshot.targets(mode, settings), queries

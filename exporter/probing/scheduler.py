@@ -13,28 +13,44 @@ import asyncio
 import contextlib
 import logging
 import random
+import typing
 import zlib
-from collections import deque
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
-from .collector import ProcessMetrics, ResultStore
-from .config import ProbeSettings
-from .model import Outcome, ProbeResult, Query
-from .probe import ProbeHandle, probe, start_probe
-from .targets import Check, Target, expand_checks
+from ..config import ProbeSettings
+from ..dns.engine import ProbeHandle, probe, start_probe
+from ..metrics.store import ProcessMetrics, ResultStore
+from ..model import Check, Outcome, ProbeResult, Query, Target, expand_checks
 
 log = logging.getLogger(__name__)
 
 # Sleeps shorter than this are not worth a timer: the check starts now.
 _MIN_SLEEP = 0.001
-# Results kept for the status page and /probe-style history.
-HISTORY = 100
 
 
 # Probes a check some other way than over the network directly (the API server's
 # port-forward): the check and the timeout in, the result out.
 Transport = Callable[[Check, float], Coroutine[Any, Any, ProbeResult]]
+
+
+class RoundFailed(Exception):
+    """A whole round could not be probed (a probe pod that failed); the message says why."""
+
+
+class Rounds(typing.Protocol):
+    """Probes a whole round at once, elsewhere (a probe pod): every check in, the results
+    it got out. RoundFailed when the round gave nothing."""
+
+    @property
+    def name(self) -> str:
+        """What makes the rounds, for the log ("probe pod")."""
+
+    @property
+    def min_interval(self) -> float:
+        """Seconds between rounds at the least (a round may be costly)."""
+
+    async def round(self, checks: Sequence[Check]) -> dict[Check, ProbeResult]: ...
 
 
 class _TaskHandle:
@@ -52,12 +68,20 @@ class _TaskHandle:
 
 
 class Scheduler:
+    """Runs the probe rounds over one transport, chosen when it is built: directly (the
+    default), per check through `transport` (a port-forward), or a whole round at a time
+    through `rounds` (a probe pod)."""
+
     def __init__(
-        self, settings: ProbeSettings, store: ResultStore, metrics: ProcessMetrics | None = None
+        self, settings: ProbeSettings, store: ResultStore, metrics: ProcessMetrics | None = None,
+        *, transport: Transport | None = None, rounds: Rounds | None = None,
     ) -> None:
+        assert transport is None or rounds is None, "one transport"
         self._settings = settings
         self._store = store
         self._metrics = metrics
+        self._transport = transport
+        self._rounds = rounds
         self._checks: list[Check] = []  # by start offset
         self._ordered: list[Check] = []  # targets x protocols x queries, as given
         self._offsets: dict[Check, float] = {}
@@ -67,23 +91,25 @@ class Scheduler:
         self._idle = asyncio.Event()  # set when no probe is in flight
         self._idle.set()
         self.targets: list[Target] = []
-        self.transport: Transport | None = None
-        self.history: deque[tuple[Check, ProbeResult]] = deque(maxlen=HISTORY)
+        self.queries: tuple[Query, ...] = ()
 
     @property
     def checks(self) -> list[Check]:
         """Current checks in target order, then protocol, then query."""
         return list(self._ordered)
 
-    def set_targets(self, targets: Sequence[Target], queries: tuple[Query, ...]) -> None:
-        """Replace what is probed; series of checks no longer present vanish at once."""
+    def set_targets(self, targets: Sequence[Target], queries: tuple[Query, ...],
+                    ready: Mapping[Target, bool] | None = None) -> None:
+        """Replace what is probed (and, for pod targets, their Ready condition); series of
+        checks no longer present vanish at once."""
         checks = expand_checks(list(targets), self._settings.protocols, queries)
         spread = max(0.0, self._settings.interval - self._settings.timeout)
         self._offsets = {check: self._fraction(check) * spread for check in checks}
         self._checks = sorted(checks, key=self._offsets.__getitem__)
         self._ordered = checks
         self.targets = list(targets)
-        self._store.retain(checks)
+        self.queries = queries
+        self._store.retain(checks, ready)
 
     def offset(self, check: Check) -> float:
         """Seconds after each round's start at which `check` is probed."""
@@ -96,8 +122,8 @@ class Scheduler:
     async def _probe(self, check: Check) -> ProbeResult:
         endpoint = check.target.endpoint
         try:
-            if self.transport is not None:
-                result = await self.transport(check, self._settings.timeout)
+            if self._transport is not None:
+                result = await self._transport(check, self._settings.timeout)
             else:
                 result = await probe(endpoint.host, endpoint.port, check.protocol, check.query,
                                      self._settings.timeout)
@@ -112,19 +138,13 @@ class Scheduler:
         return ProbeResult(Outcome.ERROR, f"internal error: {exc!r}")
 
     def record(self, check: Check, result: ProbeResult) -> None:
-        """Record a result obtained elsewhere (a probe pod's)."""
+        """Record a result obtained elsewhere."""
         self._record(check, result)
-
-    def forget(self) -> None:
-        """Drop every check's results (their series vanish until the next results): when
-        a round could not probe, no result is better than a stale one."""
-        self._store.clear()
 
     def _record(self, check: Check, result: ProbeResult) -> None:
         previous = self._store.last(check)
         if not self._store.record(check, result):
-            return  # its target is gone: no result, no history, no log line
-        self.history.append((check, result))
+            return  # its target is gone: no result, no log line
         if (previous.outcome if previous else Outcome.SUCCESS) is not result.outcome:
             # Once per change, not per probe: a dead target must not flood the log.
             endpoint = check.target.endpoint
@@ -140,7 +160,11 @@ class Scheduler:
             )
 
     async def run_once(self) -> list[tuple[Check, ProbeResult]]:
-        """Probe every check now (no spread), bounded by the concurrency limit."""
+        """Probe every check now (no spread), bounded by the concurrency limit; a round
+        elsewhere gives the checks it has results for (RoundFailed when none)."""
+        if self._rounds is not None:
+            results = await self._rounds.round(self._ordered)
+            return [(c, results[c]) for c in self._ordered if c in results]
 
         async def one(check: Check) -> tuple[Check, ProbeResult]:
             async with self._semaphore:
@@ -150,6 +174,9 @@ class Scheduler:
 
     async def run(self) -> None:
         """Probe rounds until cancelled."""
+        if self._rounds is not None:
+            await self._run_elsewhere(self._rounds)
+            return
         loop = asyncio.get_running_loop()
         interval = self._settings.interval
         start = loop.time()
@@ -196,7 +223,7 @@ class Scheduler:
                 log.exception("recording the probe of %s failed", endpoint.address)
 
         try:
-            if self.transport is not None:
+            if self._transport is not None:
                 handle = self._start_task(check, done)
             else:
                 handle = start_probe(endpoint.host, endpoint.port, check.protocol, check.query,
@@ -209,8 +236,8 @@ class Scheduler:
             self._idle.clear()
 
     def _start_task(self, check: Check, done: Callable[[ProbeResult], None]) -> _TaskHandle:
-        assert self.transport is not None
-        task = asyncio.create_task(self.transport(check, self._settings.timeout))
+        assert self._transport is not None
+        task = asyncio.create_task(self._transport(check, self._settings.timeout))
 
         def finished(task: asyncio.Task[ProbeResult]) -> None:
             if task.cancelled():
@@ -230,3 +257,39 @@ class Scheduler:
         for handle in list(self._inflight):
             handle.cancel()
         self._inflight.clear()
+
+    async def _run_elsewhere(self, rounds: Rounds) -> None:
+        """Rounds made elsewhere, one at a time, every `--interval` (at least the
+        transport's min_interval); the first as soon as there are checks. A round that
+        fails leaves no result at all (series vanish): none is better than a stale one."""
+        loop = asyncio.get_running_loop()
+        every = max(self._settings.interval, rounds.min_interval)
+        if every > self._settings.interval:
+            log.info("%s rounds: a round every %gs (--interval %gs is shorter than such a "
+                     "round is worth)", rounds.name, every, self._settings.interval)
+        failing = False
+        while True:
+            started = loop.time()
+            checks = list(self._ordered)
+            if not checks:  # discovery has not found any target yet
+                await asyncio.sleep(min(1.0, every))
+                continue
+            if self._metrics:
+                self._metrics.rounds.inc()
+            try:
+                results = await rounds.round(checks)
+            except RoundFailed as exc:
+                self._store.clear()
+                if not failing:
+                    log.warning(f"{rounds.name} round failed; the checks have no results "
+                                "until a round succeeds", extra={"fields": {"error": str(exc)}})
+                failing = True
+            else:
+                if failing:
+                    log.info(f"{rounds.name} rounds work again")
+                failing = False
+                for check in checks:
+                    result = results.get(check)
+                    if result is not None:
+                        self._record(check, result)
+            await asyncio.sleep(max(0.0, started + every - loop.time()))

@@ -1,4 +1,5 @@
-"""Which way to reach CoreDNS: in-cluster, nodeport, probe-pod or port-forward.
+"""Which way to reach CoreDNS: in-cluster, nodeport, probe-pod or port-forward (decided by
+the composition root, root.py, before the parts that depend on it are built).
 
 The 2020 design proposal behind this product names four deployments, because teams differ
 in what they allow (docs/modes.md):
@@ -19,22 +20,15 @@ lacks.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 from dataclasses import dataclass
 
-from . import kube
-from .collector import ProcessMetrics
-from .config import Mode, Settings
-from .discovery import Discovery
-from .model import Protocol, Query
-from .portforward import PortForward
-from .probe import probe
-from .probepod import ProbePod, ProbePodError
-from .probepod import confirm as confirm_in_probe_pod
-from .remediate import Remediator
-from .scheduler import Scheduler
-from .targets import Target, exposed_targets, kubernetes_targets
+from .. import kube
+from ..config import Mode, Settings
+from ..dns.engine import probe
+from ..metrics.store import ProcessMetrics
+from ..model import Protocol, Query, Target
+from .watch import DiscoveryError, list_once
 
 log = logging.getLogger(__name__)
 
@@ -98,19 +92,7 @@ def _missing(client: kube.Client, wanted: list[Need]) -> list[Need]:
 
 def _coredns_targets(settings: Settings, client: kube.Client, mode: Mode) -> list[Target]:
     """Targets of in-cluster or nodeport mode, listed once, to try reaching them."""
-    d = settings.discovery
-    found, _ = client.list_objects("services", d.namespace, convert=kube.service_info,
-                                   field_selector=f"metadata.name={d.service}")
-    if not found:
-        return []
-    service = found[0]
-    if mode is Mode.IN_CLUSTER:
-        pods = client.list_pods(d.namespace, service.selector) if service.selector else []
-        targets, _ = kubernetes_targets(service, pods, d.dns_port)
-        return targets
-    services, _ = client.list_objects("services", d.namespace, convert=kube.service_info)
-    nodes, _ = client.list_objects("nodes", "", convert=kube.node_info)
-    return exposed_targets(service, services, nodes, d.node_address_type.value)
+    return list_once(settings, client, mode, kubernetes=False).targets(mode, settings)
 
 
 async def _reachable(targets: list[Target], query: Query, timeout: float) -> str | None:
@@ -162,7 +144,7 @@ async def select(settings: Settings, client: kube.Client, query: Query) -> Selec
         try:
             missing = await asyncio.to_thread(_missing, client, needs(chosen, settings))
         except Exception as exc:
-            problem = kube.classify(exc, "create", "selfsubjectaccessreviews", "")
+            problem = api_problem(exc)
             log.warning("cannot check this mode's permissions",
                         extra={"fields": {"mode": chosen.value, "error": problem.message}})
             missing = []
@@ -193,7 +175,8 @@ def describe(selection: Selection) -> str:
     return notes.get(selection.mode, "")
 
 
-# Seconds between attempts to decide the mode while the API fails or no mode works.
+# Seconds between attempts to decide the mode while the API fails or no mode works: the
+# bounds of the back-off (kube.Backoff, with jitter).
 RETRY_MIN, RETRY_MAX = 1.0, 60.0
 
 
@@ -201,22 +184,23 @@ async def choose(settings: Settings, client: kube.Client, query: Query,
                  metrics: ProcessMetrics | None = None) -> Selection:
     """`select`, tried again with back-off while the API fails or no mode can work (RBAC
     applied after the exporter started is picked up); the decision is logged."""
-    delay = RETRY_MIN
+    backoff = kube.Backoff(RETRY_MIN, RETRY_MAX)
     while True:
+        delay = backoff.next()
         try:
             selection = await select(settings, client, query)
         except NoMode as exc:
             log.error("no mode can reach CoreDNS with these credentials from here; trying "
                       "again (see docs/modes.md)",
-                      extra={"fields": {"reasons": str(exc), "retry_seconds": delay}})
+                      extra={"fields": {"reasons": str(exc), "retry_seconds": round(delay, 1)}})
         except Exception as exc:  # the API: unreachable, timeout, 401
-            problem = kube.classify(exc, "create", "selfsubjectaccessreviews", "")
+            problem = api_problem(exc)
             if metrics is not None:
                 metrics.kube_errors.labels(resource="selfsubjectaccessreviews",
                                            reason=problem.reason).inc()
             log.warning("cannot decide the mode: the Kubernetes API failed; trying again",
                         extra={"fields": {"reason": problem.reason, "error": problem.message,
-                                          "retry_seconds": delay}})
+                                          "retry_seconds": round(delay, 1)}})
         else:
             log.info("mode chosen", extra={"fields": {
                 "mode": selection.mode.value, "reason": selection.reason,
@@ -225,87 +209,19 @@ async def choose(settings: Settings, client: kube.Client, query: Query,
                 metrics.mode.labels(mode=selection.mode.value).set(1)
             return selection
         await asyncio.sleep(delay)
-        delay = min(delay * 2, RETRY_MAX)
 
 
-async def run(settings: Settings, client: kube.Client, discovery: Discovery,
-              scheduler: Scheduler, metrics: ProcessMetrics, remediator: Remediator | None,
-              query: Query) -> None:
-    """Decide the mode, then discover and probe that way until cancelled."""
-    selection = await choose(settings, client, query, metrics)
-    mode = selection.mode
-    discovery.mode = mode
-    confirmer: ProbePod | None = None
-    if remediator is not None:
-        remediator.cannot_confirm = None if mode in (Mode.IN_CLUSTER, Mode.PROBE_POD) else (
-            f"in {mode.value} mode the exporter cannot probe the pod over UDP from where it "
+def api_problem(exc: BaseException) -> kube.ApiProblem:
+    """What failed while deciding: a listing (named by it), else the access review."""
+    if isinstance(exc, DiscoveryError) and exc.problem is not None:
+        return exc.problem
+    return kube.classify(exc, "create", "selfsubjectaccessreviews", "")
+
+
+def cannot_confirm(mode: Mode) -> str | None:
+    """Why remediation cannot confirm a pod is sick in `mode`, or None when it can."""
+    if mode in (Mode.IN_CLUSTER, Mode.PROBE_POD):
+        return None
+    return (f"in {mode.value} mode the exporter cannot probe the pod over UDP from where it "
             "runs, so it cannot confirm the pod is sick; remediation needs in-cluster or "
             "probe-pod mode")
-        if mode is Mode.PROBE_POD:
-            # A ProbePod of its own (its own instance label): a confirmation's pod and a
-            # round's pod are never taken for each other's leftovers.
-            confirmer = ProbePod(settings, client)
-            remediator.confirm_through = functools.partial(
-                confirm_in_probe_pod, confirmer, settings.discovery.dns_port)
-        remediator.decided.set()
-    pods: ProbePod | None = None
-    forward: PortForward | None = None
-    if mode is Mode.PROBE_POD:
-        pods = ProbePod(settings, client)
-        rounds = probe_pod_rounds(pods, scheduler, metrics, settings.probe.interval)
-    else:
-        if mode is Mode.PORT_FORWARD:
-            forward = PortForward(client)
-            scheduler.transport = forward.probe
-        rounds = scheduler.run()
-    try:
-        await asyncio.gather(discovery.run(), rounds)
-    finally:
-        for probe_pods in (pods, confirmer):
-            if probe_pods is not None:
-                probe_pods.stop()
-        if forward is not None:
-            await forward.close()
-
-
-# Seconds between probe pod rounds at the least: each round is a pod created, scheduled,
-# run and deleted, which a 5 s --interval would turn into a pod every 5 s.
-PROBE_POD_MIN_INTERVAL = 15.0
-
-
-async def probe_pod_rounds(pods: ProbePod, scheduler: Scheduler, metrics: ProcessMetrics,
-                           interval: float) -> None:
-    """A probe pod per round, one at a time, a round every `interval` (at least
-    PROBE_POD_MIN_INTERVAL) at most; the first as soon as discovery has found targets."""
-    loop = asyncio.get_running_loop()
-    every = max(interval, PROBE_POD_MIN_INTERVAL)
-    if every > interval:
-        log.info("probe-pod mode: a round every %gs (--interval %gs is shorter than a pod's "
-                 "life is worth)", every, interval)
-    failing = False
-    while True:
-        started = loop.time()
-        checks = scheduler.checks
-        if not checks:  # discovery has not found any target yet
-            await asyncio.sleep(min(1.0, every))
-            continue
-        metrics.rounds.inc()
-        try:
-            results = await pods.round(checks)
-        except ProbePodError as exc:
-            metrics.probe_pod_runs.labels(result="failed").inc()
-            scheduler.forget()
-            if not failing:
-                log.warning("probe pod round failed; the checks have no results until "
-                            "a round succeeds", extra={"fields": {"error": str(exc)}})
-            failing = True
-        else:
-            metrics.probe_pod_runs.labels(result="success").inc()
-            if failing:
-                log.info("probe pod rounds work again")
-            failing = False
-            for check in checks:
-                result = results.get(check)
-                if result is not None:
-                    scheduler.record(check, result)
-        await asyncio.sleep(max(0.0, started + every - loop.time()))

@@ -22,14 +22,14 @@ ordinary prometheus-client metrics in the registry, written last; with OpenMetri
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
-from .collector import BUCKETS, OUTCOMES, ResultStore
-from .targets import TARGET_LABELS, Check, Target
+from ..model import TARGET_LABELS, Check, Target
+from .store import BUCKETS, OUTCOMES, ResultStore
 
 # Checks (or targets) handled between two yields to the event loop: about a millisecond.
 CHUNK = 100
@@ -72,16 +72,10 @@ class _Row:
 
 
 class Exposition:
-    """Streams the store's checks and discovery's pod targets, then the registry."""
+    """Streams the store's checks and pod targets, then the registry."""
 
-    def __init__(
-        self,
-        store: ResultStore,
-        pod_ready: Mapping[Target, bool],
-        registry: CollectorRegistry,
-    ) -> None:
+    def __init__(self, store: ResultStore, registry: CollectorRegistry) -> None:
         self._store = store
-        self._pod_ready = pod_ready
         self._registry = registry
         self._check_labels: dict[Check, str] = {}
         self._target_labels: dict[Target, str] = {}
@@ -144,7 +138,7 @@ class Exposition:
         return rows
 
     async def _target_info(self) -> AsyncIterator[bytes]:
-        pods = list(self._pod_ready.items())
+        pods = self._store.ready()
         known, labels = self._target_labels, {}
         for start in range(0, len(pods), CHUNK * 4):
             lines = []

@@ -1,4 +1,4 @@
-"""The latest probe results, and the process-level metrics.
+"""The latest probe results, the pod targets' readiness, and the process-level metrics.
 
 `ResultStore` accumulates, per check, the last result, the latency histogram and the
 outcome counters; `exposition.Exposition` renders them on every scrape. Because the
@@ -11,14 +11,13 @@ prometheus-client metrics.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from . import __version__
-from .model import Outcome, ProbeResult
-from .targets import Check
+from .. import __version__
+from ..model import Check, Outcome, ProbeResult, Target
 
 # Latency buckets in seconds: a healthy cluster DNS answers in well under a millisecond
 # from a pod on the same node and a few milliseconds across nodes; the top buckets
@@ -43,12 +42,20 @@ class ResultStore:
     def __init__(self) -> None:
         self._states: dict[Check, CheckState] = {}
         self._active: set[Check] = set()
+        self._ready: dict[Target, bool] = {}
 
-    def retain(self, checks: Iterable[Check]) -> None:
-        """Make `checks` the current set: state of any other check is dropped now."""
+    def retain(self, checks: Iterable[Check], ready: Mapping[Target, bool] | None = None
+               ) -> None:
+        """Make `checks` the current set: state of any other check is dropped now.
+        `ready`: the Ready condition of each pod target (dnsprobe_target_info)."""
         self._active = set(checks)
+        self._ready = dict(ready or {})
         for check in [c for c in self._states if c not in self._active]:
             del self._states[check]
+
+    def ready(self) -> list[tuple[Target, bool]]:
+        """Each current pod target and its Ready condition."""
+        return list(self._ready.items())
 
     def clear(self) -> None:
         """Drop every check's state; the current set stays (its series come back with

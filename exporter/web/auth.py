@@ -1,0 +1,58 @@
+"""The webhook's bearer token: read from its file (re-read when the file changes: a
+rotated Secret), compared in constant time.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+class TokenFile:
+    """The bearer token, re-read whenever its file changes (a rotated Secret)."""
+
+    def __init__(self, path: str | None) -> None:
+        self.path = Path(path) if path else None
+        self._stamp: tuple[int, int, int] | None = None
+        self._token: str | None = None
+        self._problem: str | None = None
+        self._told: str | None = None
+
+    def current(self) -> str | None:
+        """The token, or None (then `problem` says why) when there is none to check."""
+        if self.path is None:
+            self._problem = "no --webhook-token-file configured: the webhook is disabled"
+            return None
+        try:
+            st = os.stat(self.path)  # follows the symlinks of a Secret volume
+            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+            if stamp != self._stamp:
+                token = self.path.read_text(encoding="utf-8").strip()
+                self._stamp, self._token = stamp, token or None
+                self._problem = None if token else f"{self.path} is empty"
+        except OSError as exc:
+            self._stamp, self._token = None, None
+            self._problem = f"cannot read {self.path}: {exc.strerror}"
+        return self._token
+
+    @property
+    def problem(self) -> str | None:
+        return self._problem
+
+    def tell_once(self) -> None:
+        """Log why the webhook answers 503, once per reason."""
+        if self._problem and self._problem != self._told:
+            self._told = self._problem
+            log.warning("webhook answering 503", extra={"fields": {"reason": self._problem}})
+
+
+def authorized(header: str, token: str) -> bool:
+    scheme, _, presented = header.partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    return hmac.compare_digest(presented.strip().encode(), token.encode())
+
