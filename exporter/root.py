@@ -26,7 +26,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
 
 from . import kube
-from .config import ConfigError, Mode, Settings, default_query
+from .config import ConfigError, Mode, Remediation, Settings, default_query
 from .discovery import modes
 from .discovery.targets import read_resolv_conf, static_targets
 from .discovery.watch import Discovery, DiscoveryError, discover_once
@@ -38,6 +38,7 @@ from .probing.probepod import ProbePod
 from .probing.scheduler import RoundFailed, Scheduler
 from .remediation.confirm import Confirmer, Direct, Impossible, ThroughProbePod
 from .remediation.remediator import NoRemediation, Remediator
+from .remediation.selfheal import SelfRemediation
 from .web import app as web_app
 from .web.auth import TokenFile
 from .web.state import AppState, Late, Parts
@@ -159,8 +160,11 @@ async def _run_kubernetes(settings: Settings, client: kube.Client, store: Result
         async with _assembled(settings, client, selection.mode, store, metrics) as parts:
             late.set(parts)
             assert parts.discovery is not None
+            running = [parts.discovery.run(), parts.scheduler.run()]
+            if parts.self_remediation is not None:
+                running.append(parts.self_remediation.run())
             try:
-                await asyncio.gather(parts.discovery.run(), parts.scheduler.run())
+                await asyncio.gather(*running)
             finally:
                 await parts.scheduler.drain()
     finally:
@@ -175,7 +179,26 @@ async def _assembled(settings: Settings, client: kube.Client, mode: Mode, store:
         discovery = Discovery(settings, client, mode, scheduler.set_targets, metrics)
         remediator = Remediator(settings, client, metrics, scheduler,
                                 _confirmer(settings, client, mode, stack))
-        yield Parts(mode.value, scheduler, remediator, discovery)
+        yield Parts(mode.value, scheduler, remediator, discovery,
+                    _self_remediation(settings, mode, store, remediator))
+
+
+def _self_remediation(settings: Settings, mode: Mode, store: ResultStore,
+                      remediator: Remediator) -> SelfRemediation | None:
+    """--self-remediate where it can work: in-cluster mode (pods probed directly, every
+    interval), remediation not off."""
+    r = settings.remediation
+    if not r.self_remediate:
+        return None
+    why_not = ("--remediation off" if r.mode is Remediation.OFF else
+               None if mode is Mode.IN_CLUSTER else
+               f"{mode.value} mode: the pods are not probed directly over UDP from here, "
+               "so the exporter's own probes cannot judge them; self-remediation needs "
+               "in-cluster mode (the webhook still works as the mode allows)")
+    if why_not is not None:
+        log.warning("--self-remediate is off", extra={"fields": {"reason": why_not}})
+        return None
+    return SelfRemediation(settings, store, remediator)
 
 
 def _scheduler(settings: Settings, client: kube.Client, mode: Mode, store: ResultStore,

@@ -515,7 +515,8 @@ BAD_SETTINGS = {
     "service": "-svc", "dns-port": "0", "cluster-domain": "bad_domain",
     "resolv-conf": "/nonexistent/resolv.conf", "protocol": "sctp", "timeout": "-1",
     "interval": "0", "concurrency": "0", "listen": "nope", "remediation": "always",
-    "min-ready": "-1", "cooldown": "soon", "allow-delete": "maybe", "log-format": "xml",
+    "min-ready": "-1", "cooldown": "soon", "allow-delete": "maybe", "self-remediate": "yes!",
+    "log-format": "xml",
     "mode": "tunnel", "node-address-type": "Hostname", "probe-pod-namespace": "Bad_NS",
     "probe-pod-image": "bad image", "query": "bad..name",
 }

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -17,11 +18,12 @@ import kubernetes
 import pytest
 
 from tests.conftest import LabExporter
+from tests.harness import coredns
 from tests.harness.cluster import ADMIN_TOKEN
 from tests.harness.exporter import Exporter
 from tests.harness.lab import Lab, Pod
 from tests.harness.node import EXPORTER_IMAGE
-from tests.harness.scrape import samples
+from tests.harness.scrape import samples, scrape_until, wait_until
 
 RBAC = Path(__file__).resolve().parents[1] / "deploy" / "base" / "rbac.yaml"
 TOKEN = "s3cret-webhook-token"
@@ -111,9 +113,9 @@ def events(lab: Lab, pod: Pod) -> list[dict[str, Any]]:
     return items
 
 
-def counter(body: str, action: str, result: str) -> float:
+def counter(body: str, action: str, result: str, trigger: str = "webhook") -> float:
     return sum(s.value for s in samples(body) if s.name == "dnsprobe_remediations_total"
-               and s.labels == {"action": action, "result": result})
+               and s.labels == {"action": action, "result": result, "trigger": trigger})
 
 
 async def metrics(exporter: Exporter) -> str:
@@ -453,3 +455,109 @@ async def test_in_probe_pod_mode_a_confirming_pod_that_cannot_run_restarts_nothi
     assert "default" in message, message
     assert not evicted(lab, sick)
     assert counter(await metrics(exporter), "skip", "cannot_confirm") == 1
+
+
+# -- self-remediation: the exporter's own probes as the trigger ------------------------------
+
+
+async def test_self_remediation_evicts_a_udp_dead_pod_within_30s_at_the_defaults(
+    lab: Lab, lab_exporter: LabExporter, sa_token: str
+) -> None:
+    """No Alertmanager: at the default --interval 5 and --timeout 1, a pod whose UDP/53
+    goes dead is evicted within 30 s, through the same guards and acts (trigger self)."""
+    sick, healthy = lab.add_pod(), lab.add_pod()
+    lab.create_service()
+    exporter = lab_exporter(sa_token, "--remediation", "evict", "--self-remediate")
+    assert exporter.logged("self-remediation on", timeout=30)
+
+    def both_answer(body: str) -> bool:
+        return all(s.value == 1 for s in samples(body) if s.name == "dnsprobe_success"
+                   and s.labels["kind"] == "pod") and sum(
+            1 for s in samples(body) if s.name == "dnsprobe_success"
+            and s.labels["kind"] == "pod" and s.labels["protocol"] == "udp") == 2
+
+    assert both_answer(await scrape_until(exporter.url, both_answer, deadline=30))
+    sick.netns.drop("udp", 53)
+    began = time.monotonic()
+    assert await wait_until(lambda: evicted(lab, sick), 45), exporter.messages()[-20:]
+    took = time.monotonic() - began
+    assert took <= 30, f"evicted {took:.1f}s after its UDP died"
+    assert not evicted(lab, healthy)
+    [line] = exporter.logged("evicted pod")
+    assert line["pod"] == sick.name and line["trigger"] == "self"
+    [event] = events(lab, sick)
+    assert event["reason"] == "CoreDNSPodEvicted" and "trigger: self" in event["message"]
+    body = await metrics(exporter)
+    assert counter(body, "evict", "success", "self") == 1
+    assert counter(body, "evict", "success", "webhook") == 0
+
+
+async def test_self_remediation_restarts_nothing_when_every_pod_fails(
+    lab: Lab, start: Start
+) -> None:
+    """Every pod's UDP dead is a shared cause (upstreams, the network): said once, and
+    nothing is restarted however many rounds it lasts."""
+    pods = [lab.add_pod(), lab.add_pod(), lab.add_pod()]
+    lab.create_service()
+    for pod in pods:
+        pod.netns.drop("udp", 53)
+    exporter = start("--self-remediate", webhook=False)
+    assert exporter.logged("self-remediation: every CoreDNS pod fails over UDP, a shared "
+                           "cause (upstreams, the network): nothing is restarted for it",
+                           timeout=30)
+    rounds_then = rounds(await metrics(exporter))
+    body = await scrape_until(exporter.url, lambda b: rounds(b) >= rounds_then + 20,
+                              deadline=60)
+    assert rounds(body) >= rounds_then + 20
+    assert not [p for p in pods if evicted(lab, p)]
+    assert not [s for s in samples(body) if s.name == "dnsprobe_remediations_total"
+                and s.labels["trigger"] == "self" and s.value > 0]
+
+
+async def test_self_remediation_leaves_a_slow_pod_that_answers_alone(
+    lab: Lab, start: Start
+) -> None:
+    """A pod that answers slowly, within the timeout, passes every probe: never suspect.
+    (erratic answers with an address of its own: the query expects none.)"""
+    slow, other = lab.add_pod(coredns.Behaviour.SLOW, delay="150ms"), lab.add_pod()
+    lab.create_service()
+    exporter = start("--self-remediate", "--timeout", "0.4", "--query",
+                     "kubernetes.default.svc.cluster.local", webhook=False)
+
+    def slow_and_answering(body: str) -> bool:
+        latency = [s.value for s in samples(body) if s.name == "dnsprobe_duration_seconds_sum"
+                   and s.labels["pod"] == slow.name and s.labels["protocol"] == "udp"]
+        counts = [s.value for s in samples(body) if s.name == "dnsprobe_duration_seconds_count"
+                  and s.labels["pod"] == slow.name and s.labels["protocol"] == "udp"]
+        return bool(counts) and counts[0] >= 20 and latency[0] / counts[0] > 0.1
+
+    body = await scrape_until(exporter.url, slow_and_answering, deadline=60)
+    assert slow_and_answering(body)  # twenty answers, each over 100 ms
+    assert not evicted(lab, slow) and not evicted(lab, other)
+    assert not [s for s in samples(body) if s.name == "dnsprobe_remediations_total"
+                and s.labels["trigger"] == "self" and s.value > 0]
+
+
+def rounds(body: str) -> float:
+    return sum(s.value for s in samples(body) if s.name == "dnsprobe_rounds_total")
+
+
+async def test_two_self_remediating_replicas_evict_one_pod_once(lab: Lab, start: Start) -> None:
+    """Two replicas judge the same UDP-dead pod from their own probes: the Lease they
+    share lets one evict it, once; the other's decision is a skip."""
+    sick, healthy = sick_and_healthy(lab)
+    replicas = [start("--self-remediate", webhook=False) for _ in range(2)]
+    assert await wait_until(lambda: evicted(lab, sick), 30)
+
+    def decided(exporter: Exporter) -> list[dict[str, Any]]:
+        return [r for r in exporter.logs if r.get("pod") == sick.name
+                and r.get("trigger") == "self" and "result" in r]
+
+    # Each replica decides on the pod once it has failed twice in its own rounds.
+    assert await wait_until(lambda: all(decided(r) for r in replicas), 30), [
+        decided(r) for r in replicas]
+    acts = [d for r in replicas for d in decided(r) if d["action"] == "evict"]
+    assert [d["result"] for d in acts] == ["success"], acts
+    skips = {d["result"] for r in replicas for d in decided(r) if d["action"] == "skip"}
+    assert skips and skips <= {"cooldown", "terminating", "duplicate", "not_found"}, skips
+    assert len(events(lab, sick)) == 1 and not evicted(lab, healthy)

@@ -70,9 +70,9 @@ async def test_scrape_shows_per_target_series_with_every_label(
         assert set(TARGET_LABELS) <= set(s.labels), s
         assert {k: s.labels[k] for k in expected} == expected
     # Static targets: no remediator, and the webhook's one decision is exported from 0.
-    decisions = {(s.labels["action"], s.labels["result"]): s.value for s in samples(body)
-                 if s.name == "dnsprobe_remediations_total"}
-    assert decisions == {("skip", "no_kubernetes"): 0}, decisions
+    decisions = {(s.labels["action"], s.labels["result"], s.labels["trigger"]): s.value
+                 for s in samples(body) if s.name == "dnsprobe_remediations_total"}
+    assert decisions == {("skip", "no_kubernetes", "webhook"): 0}, decisions
     # every outcome is exported from the start, so rate() sees the first failure
     results = {s.labels["result"] for s in per_target if s.name == "dnsprobe_probes_total"}
     assert results == {"success", "timeout", "unreachable", "rcode", "wrong_answer",

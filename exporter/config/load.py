@@ -110,6 +110,9 @@ def _serve_only(p: argparse.ArgumentParser) -> None:
                    help="at most one restart per this long, cluster-wide (default 5m)")
     r.add_argument("--allow-delete", action="store_const", const=True, default=None,
                    help="allow a forced delete when eviction is refused (default off)")
+    r.add_argument("--self-remediate", action="store_const", const=True, default=None,
+                   help="judge pods sick from the exporter's own probes, without "
+                        "Alertmanager, through the same guards (default off)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -258,6 +261,7 @@ def load(argv: Sequence[str], env: Mapping[str, str] | None = None) -> Settings:
             min_ready=parsed.get("min-ready", RemediationSettings.min_ready),
             cooldown=parsed.get("cooldown", RemediationSettings.cooldown),
             allow_delete=parsed.get("allow-delete", RemediationSettings.allow_delete),
+            self_remediate=parsed.get("self-remediate", RemediationSettings.self_remediate),
         ),
         log_format=parsed.get("log-format", LogFormat.TEXT),
         json_output=bool(getattr(args, "json", False)),

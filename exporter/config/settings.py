@@ -112,6 +112,8 @@ class RemediationSettings:
     # Seconds between two restarts cluster-wide.
     cooldown: float = 300.0
     allow_delete: bool = False
+    # The exporter's own probes as a trigger, beside the webhook (remediation/self.py).
+    self_remediate: bool = False
 
 
 @dataclass(frozen=True)

@@ -233,6 +233,7 @@ KEYS: dict[str, Callable[[object], Any]] = {
     "min-ready": _int_in(0, 1000),
     "cooldown": parse_duration,
     "allow-delete": _bool,
+    "self-remediate": _bool,
     "log-format": _choice(LogFormat),
     "mode": _choice(Mode),
     "node-address-type": _choice(NodeAddressType),

@@ -117,8 +117,9 @@ def register(registry: CollectorRegistry) -> ProcessMetrics:
         ),
         remediations=Counter(
             "dnsprobe_remediations",
-            "Remediation decisions, skips included.",
-            ["action", "result"],
+            "Remediation decisions, skips included, by what raised them (trigger: webhook, "
+            "or self for the exporter's own probes with --self-remediate).",
+            ["action", "result", "trigger"],
             registry=registry,
         ),
         kube_errors=Counter(

@@ -23,6 +23,8 @@ class Alert:
     starts_at: datetime | None
     starts_at_text: str
     fingerprint: str
+    # What raised it: Alertmanager's webhook, or the exporter's own probes (self.py).
+    trigger: str = "webhook"
 
     def label(self, name: str) -> str:
         return dict(self.labels).get(name, "")

@@ -31,6 +31,8 @@ SKIP_RESULTS = ("disabled", "not_firing", "no_target", "not_coredns", "duplicate
 # With static targets there is no remediator: the webhook's every alert is this skip.
 NO_KUBERNETES = "no_kubernetes"
 ACT_RESULTS = ("success", "blocked", "gone", "error")
+# What raised a decision: an Alertmanager webhook, or the exporter's own probes.
+TRIGGERS = ("webhook", "self")
 # A successful act: the reason of its Event, and the verb of its Event and log line.
 DONE = {
     Action.EVICT: ("CoreDNSPodEvicted", "evicted"),
@@ -49,6 +51,7 @@ class Decision:
     pod: str = ""
     alert: str = ""
     at: float = 0.0
+    trigger: str = ""  # webhook or self, once recorded
 
 
 def skip(result: str, message: str) -> Decision:

@@ -44,6 +44,7 @@ from .guards import (
     DONE,
     NO_KUBERNETES,
     SKIP_RESULTS,
+    TRIGGERS,
     Action,
     Decision,
     Facts,
@@ -102,11 +103,15 @@ class Remediator:
         self._lock = asyncio.Lock()
         self.identity = identity()
         self.recent: deque[Decision] = deque(maxlen=RECENT)
-        for result in SKIP_RESULTS:
-            metrics.remediations.labels(action=Action.SKIP.value, result=result)
-        for action in (Action.EVICT, Action.DRY_RUN, Action.DELETE):
-            for result in ACT_RESULTS:
-                metrics.remediations.labels(action=action.value, result=result)
+        triggers = TRIGGERS if settings.remediation.self_remediate else ("webhook",)
+        for trigger in triggers:
+            for result in SKIP_RESULTS:
+                metrics.remediations.labels(action=Action.SKIP.value, result=result,
+                                            trigger=trigger)
+            for action in (Action.EVICT, Action.DRY_RUN, Action.DELETE):
+                for result in ACT_RESULTS:
+                    metrics.remediations.labels(action=action.value, result=result,
+                                                trigger=trigger)
 
     async def _api(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
         return await asyncio.to_thread(fn, *args, **kw)
@@ -311,8 +316,8 @@ class Remediator:
             "involvedObject": {"apiVersion": "v1", "kind": "Pod", "name": pod.name,
                                "namespace": pod.namespace, "uid": pod.uid},
             "reason": reason,
-            "message": f"{verb} by {COMPONENT} on alert {alert.name or '(unnamed)'}: "
-                       f"{decision.message}"[:1024],
+            "message": f"{verb} by {COMPONENT} on alert {alert.name or '(unnamed)'} "
+                       f"(trigger: {alert.trigger}): {decision.message}"[:1024],
             "type": "Warning",
             "source": {"component": COMPONENT},
             "reportingComponent": COMPONENT,
@@ -328,9 +333,10 @@ class Remediator:
     def _record(self, alert: Alert, decision: Decision, quiet: bool = False) -> Decision:
         """Count and keep the decision, and log it (a quiet one is summed up by the caller)."""
         decision = replace(decision, namespace=alert.label("namespace"),
-                           pod=alert.label("pod"), alert=alert.name, at=time.time())
+                           pod=alert.label("pod"), alert=alert.name, at=time.time(),
+                           trigger=alert.trigger)
         self._metrics.remediations.labels(action=decision.action.value,
-                                          result=decision.result).inc()
+                                          result=decision.result, trigger=alert.trigger).inc()
         self.recent.append(decision)
         if quiet:
             return decision
@@ -346,7 +352,7 @@ class Remediator:
         log.log(level, msg, extra={"fields": {
             "action": decision.action.value, "result": decision.result,
             "namespace": decision.namespace, "pod": decision.pod, "alert": decision.alert,
-            "episode": alert.episode, "reason": decision.message,
+            "episode": alert.episode, "trigger": alert.trigger, "reason": decision.message,
         }})
         return decision
 
@@ -360,14 +366,15 @@ class NoRemediation:
     def __init__(self, metrics: ProcessMetrics) -> None:
         self._metrics = metrics
         self.recent: deque[Decision] = deque(maxlen=RECENT)
-        metrics.remediations.labels(action=Action.SKIP.value, result=NO_KUBERNETES)
+        metrics.remediations.labels(action=Action.SKIP.value, result=NO_KUBERNETES,
+                                    trigger="webhook")
 
     async def handle(self, payload: Payload) -> list[Decision]:
         decisions = [skip(NO_KUBERNETES, "remediation needs Kubernetes discovery; this "
                                          "exporter probes static targets")
                      for _ in payload.alerts]
-        self._metrics.remediations.labels(action=Action.SKIP.value,
-                                          result=NO_KUBERNETES).inc(len(decisions))
+        self._metrics.remediations.labels(action=Action.SKIP.value, result=NO_KUBERNETES,
+                                          trigger="webhook").inc(len(decisions))
         log.info("remediation skipped: no Kubernetes", extra={"fields": {
             "alerts": len(decisions)}})
         return decisions

@@ -18,6 +18,7 @@ from ..metrics.exposition import Exposition
 from ..metrics.store import ResultStore
 from ..probing.scheduler import Scheduler
 from ..remediation.remediator import NoRemediation, Remediator
+from ..remediation.selfheal import SelfRemediation
 from .auth import TokenFile
 
 T = TypeVar("T")
@@ -52,12 +53,14 @@ class Late(Generic[T]):
 class Parts:
     """Everything that depends on the mode, each part complete: the scheduler with its
     transport, the discovery of that mode (None for static targets), the remediator with
-    its way to confirm (or the static exporter's NoRemediation)."""
+    its way to confirm (or the static exporter's NoRemediation), and the self-remediation
+    over the same remediator when it is on."""
 
     mode: str  # a Mode's value, or "static"
     scheduler: Scheduler
     remediator: Remediator | NoRemediation
     discovery: Discovery | None = None
+    self_remediation: SelfRemediation | None = None  # --self-remediate, in-cluster mode
 
     @property
     def ready(self) -> bool:

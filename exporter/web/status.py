@@ -33,13 +33,15 @@ def _remediations(state: AppState, parts: Parts | None) -> str:
     rows = [
         f"<tr><td>{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(d.at))}</td>"
         f"<td>{html.escape(d.pod)}</td><td>{html.escape(d.alert)}</td>"
+        f"<td>{html.escape(d.trigger or 'webhook')}</td>"
         f"<td>{html.escape(d.action.value)}</td><td>{html.escape(d.result)}</td>"
         f"<td>{html.escape(d.message)}</td></tr>"
         for d in reversed(parts.remediator.recent)
     ]
     return (f"<p>Mode: {mode}. Last decisions, newest first (UTC):</p><table><tr><th>time</th>"
-            "<th>pod</th><th>alert</th><th>action</th><th>result</th><th>why</th></tr>"
-            + ("".join(rows) or '<tr><td colspan="6">none yet</td></tr>') + "</table>")
+            "<th>pod</th><th>alert</th><th>trigger</th><th>action</th><th>result</th>"
+            "<th>why</th></tr>"
+            + ("".join(rows) or '<tr><td colspan="7">none yet</td></tr>') + "</table>")
 
 
 async def status_page(request: web.Request) -> web.Response:

@@ -94,7 +94,8 @@ async def _webhook(request: web.Request, state: AppState) -> web.Response:
         return web.Response(status=500, text=f"internal error: {exc!r}\n")
     return web.json_response({"decisions": [
         {"pod": d.pod, "namespace": d.namespace, "alert": d.alert, "action": d.action.value,
-         "result": d.result, "message": d.message} for d in decisions
+         "result": d.result, "message": d.message, "trigger": d.trigger or "webhook"}
+        for d in decisions
     ]})
 
 
