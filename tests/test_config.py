@@ -123,8 +123,26 @@ def test_missing_config_file_is_reported(tmp_path: Path) -> None:
     assert "cannot read" in problems(["--config", str(tmp_path / "nope.yaml")])[0]
 
 
-def test_expect_without_a_query_is_an_error() -> None:
-    assert "there is no --query before it" in problems(["--expect", "10.0.0.1"])[0]
+def test_expect_before_any_query_is_the_default_querys() -> None:
+    from exporter.config import default_query
+
+    settings = load(["--expect", "10.0.0.1", "--expect", "10.0.0.2"], {})
+    assert settings.probe.default_expect == ("10.0.0.1", "10.0.0.2")
+    # It wins over the ClusterIP read from the API.
+    assert default_query(settings, ("10.96.0.1",)).expect == ("10.0.0.1", "10.0.0.2")
+    assert default_query(load([], {}), ("10.96.0.1",)).expect == ("10.96.0.1",)
+    # Before a --query it would be lost (the --query replaces the default query): said.
+    [problem] = problems(["--expect", "10.0.0.1", "--query", "example.org"])
+    assert "applies to the default query, which --query replaces" in problem
+
+
+def test_a_default_timeout_makes_room_for_a_short_interval() -> None:
+    assert load(["--interval", "1"], {}).probe.timeout == 0.5
+    assert load(["--interval", "0.5"], {}).probe.timeout == 0.25
+    assert load(["--interval", "2"], {}).probe.timeout == 1.0
+    assert load([], {}).probe.timeout == 1.0
+    # A timeout given explicitly is kept, and must still be shorter than the interval.
+    assert "must be shorter than interval" in problems(["--interval", "1", "--timeout", "1"])[0]
 
 
 def test_timeout_must_be_shorter_than_interval_for_serve() -> None:

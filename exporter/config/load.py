@@ -16,6 +16,7 @@ import yaml
 from .. import __version__
 from .settings import (
     DEFAULT_PORT,
+    DEFAULT_QUERY_LABEL,
     ENV_PREFIX,
     ConfigError,
     DiscoverySettings,
@@ -26,7 +27,7 @@ from .settings import (
     RemediationSettings,
     Settings,
 )
-from .values import _NO_ENV, KEYS
+from .values import _NO_ENV, KEYS, parse_query
 
 # --- command line ---
 
@@ -44,10 +45,10 @@ class _QueryAction(argparse.Action):
         queries: list[dict[str, Any]] = getattr(namespace, "query_items", None) or []
         if self.dest == "query":
             queries.append({"text": values, "expect": []})
-        elif not queries:
-            errors: list[str] = getattr(namespace, "order_errors", None) or []
-            errors.append(f"--expect {values}: there is no --query before it to apply to")
-            namespace.order_errors = errors
+        elif not queries:  # before any --query: the default query's expected answer
+            default: list[str] = getattr(namespace, "default_expect", None) or []
+            default.append(values)
+            namespace.default_expect = default
         else:
             queries[-1]["expect"].append(values)
         namespace.query_items = queries
@@ -76,7 +77,8 @@ def _common_parser() -> argparse.ArgumentParser:
                    help="answer value that must be present (repeatable; applies to the "
                         "last --query)")
     q.add_argument("--protocol", metavar="udp|tcp|both", help="transports to probe (default both)")
-    q.add_argument("--timeout", metavar="SECONDS", help="per-probe timeout (default 1)")
+    q.add_argument("--timeout", metavar="SECONDS",
+                   help="per-probe timeout (default 1, or half a shorter --interval)")
     q.add_argument("--concurrency", metavar="N", help="probes in flight at once (default 256)")
     q.add_argument("--log-format", metavar="text|json", help="log format (default text)")
     m = p.add_argument_group("modes (docs/modes.md)")
@@ -219,12 +221,26 @@ def load(argv: Sequence[str], env: Mapping[str, str] | None = None) -> Settings:
         except ValueError as exc:
             problems.append(f"{origin}: {exc}")
 
+    default_expect = tuple(getattr(args, "default_expect", None) or ())
+    for value in default_expect:
+        try:
+            parse_query(f"{DEFAULT_QUERY_LABEL}.invalid/A", (value,))
+        except ValueError as exc:
+            problems.append(f"--expect {value}: {exc}")
+    if default_expect and parsed.get("query"):
+        problems.append(
+            f"--expect {default_expect[0]}: given before any --query, it applies to the "
+            "default query, which --query replaces: put it after the --query it is for")
+    interval = parsed.get("interval", ProbeSettings.interval)
+    # Left at its default, the timeout makes room for a short interval: half of it.
+    timeout = parsed.get("timeout", min(ProbeSettings.timeout, interval / 2))
     probe = ProbeSettings(
         queries=parsed.get("query", ()),
         protocols=parsed.get("protocol", ProbeSettings.protocols),
-        timeout=parsed.get("timeout", ProbeSettings.timeout),
-        interval=parsed.get("interval", ProbeSettings.interval),
+        timeout=timeout,
+        interval=interval,
         concurrency=parsed.get("concurrency", ProbeSettings.concurrency),
+        default_expect=default_expect,
     )
     if args.command == "serve" and probe.timeout >= probe.interval:
         problems.append(

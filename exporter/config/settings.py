@@ -94,6 +94,9 @@ class ProbeSettings:
     interval: float = 5.0
     # Probes in flight at once: bounds sockets and CPU when many targets time out.
     concurrency: int = 256
+    # `--expect` before any `--query`: the default query's expected answers, instead of
+    # the ClusterIP of default/kubernetes read from the API.
+    default_expect: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -154,11 +157,12 @@ class Settings:
 
 def default_query(settings: Settings, expect: tuple[str, ...] = ()) -> Query:
     """The default query (`kubernetes`): kubernetes.default.svc.<cluster-domain> A, with
-    the expected answers `expect` (the ClusterIP of default/kubernetes, once read)."""
+    the expected answers `--expect` gave before any `--query`, else `expect` (the
+    ClusterIP of default/kubernetes, once read)."""
     return Query(
         label=DEFAULT_QUERY_LABEL,
         qname=settings.default_query_name() + ".",
         rdtype="A",
-        expect=expect,
+        expect=settings.probe.default_expect or expect,
     )
 

@@ -76,7 +76,9 @@ class Discovery:
 
     @property
     def needs_kubernetes_ip(self) -> bool:
-        return not self._settings.probe.queries
+        """The default query is probed and expects the ClusterIP of default/kubernetes
+        (no --query, no --expect of its own)."""
+        return not self._settings.probe.queries and not self._settings.probe.default_expect
 
     async def run(self) -> None:
         """Watch and update targets until cancelled."""
@@ -391,8 +393,9 @@ async def discover_once(settings: Settings, client: kube.Client, mode: Mode
                         ) -> tuple[list[Target], tuple[Query, ...]]:
     """The targets and queries of `mode`, listed once (for `check`)."""
     d = settings.discovery
-    snapshot = await asyncio.to_thread(list_once, settings, client, mode,
-                                       kubernetes=not settings.probe.queries)
+    snapshot = await asyncio.to_thread(
+        list_once, settings, client, mode,
+        kubernetes=not settings.probe.queries and not settings.probe.default_expect)
     if snapshot.service is None:
         raise DiscoveryError(f"Service {d.namespace}/{d.service} not found")
     queries = probe_queries(settings, snapshot.kubernetes_ip, snapshot.unreadable)
