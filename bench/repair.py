@@ -126,6 +126,9 @@ def repair(work: Path, minutes: float) -> dict[str, Any]:
         figures: dict[str, Any] = {"loss": LOSS, "loss_minutes": minutes, "pods": PODS}
         for trigger, exporter in exporters.items():
             figures[f"false_evictions_{trigger}"] = _evictions(exporter.url)
+        # Suspicions the escalation cleared (docs/performance.md bounds them by 32).
+        figures["suspicions_cleared_self"] = len(exporters["self"].logged(
+            "self-remediation: a suspect pod answered when probed again", timeout=0))
         for pod in pods:
             pod.netns.exec(["iptables", "-D", *loss])
 
