@@ -4,6 +4,7 @@ percentiles, scraping."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -14,8 +15,9 @@ from pathlib import Path
 
 from exporter.model import Query
 from tests.harness import coredns
-from tests.harness.cluster import free_port
+from tests.harness.cluster import Cluster, free_port
 from tests.harness.components import coredns_binary, stop_process
+from tests.harness.lab import Lab
 
 RESULTS = Path(__file__).parent / "results"
 ROOT = Path(__file__).resolve().parent.parent
@@ -106,3 +108,29 @@ def percentile(values: Sequence[float], q: float) -> float:
         return float("nan")
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+@contextlib.contextmanager
+def lab_cluster(work: Path) -> Iterator[Lab]:
+    """The lab's test cluster (Kubernetes without nodes) and a Lab on it, for a bench of
+    real CoreDNS pods in network namespaces; both stopped after, by their PIDs."""
+    binary = coredns_binary()
+    assert binary is not None, "CoreDNS missing: run scripts/install-test-tools"
+    cluster = Cluster.for_lab(work / "cluster")
+    try:
+        cluster.start()
+    except Exception:
+        cluster.stop()
+        raise
+    lab = Lab(cluster, binary, work)
+    try:
+        yield lab
+    finally:
+        lab.close()
+        cluster.stop()
+
+
+def evicted(lab: Lab, name: str) -> bool:
+    """Whether the lab's pod `name` was evicted (it has a deletionTimestamp)."""
+    obj = lab.core.read_namespaced_pod(name, lab.namespace, _preload_content=False)
+    return bool(json.loads(obj.data)["metadata"].get("deletionTimestamp"))

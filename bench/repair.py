@@ -35,15 +35,14 @@ from pathlib import Path
 from typing import Any
 
 from alerts.generate import rules
-from tests.harness.cluster import Cluster, binaries_missing
-from tests.harness.components import coredns_binary
+from tests.harness.cluster import binaries_missing
 from tests.harness.exporter import Exporter
 from tests.harness.lab import Lab, Pod
 from tests.harness.monitoring import Monitoring
 from tests.harness.monitoring import binaries_missing as monitoring_missing
 from tests.harness.scrape import samples
 
-from .common import RESULTS
+from .common import RESULTS, evicted, lab_cluster
 
 ROOT = Path(__file__).resolve().parents[1]
 RBAC = ROOT / "deploy" / "base" / "rbac.yaml"
@@ -62,91 +61,76 @@ def _evictions(url: str) -> float:
                and s.labels["action"] in ("evict", "delete") and s.labels["result"] == "success")
 
 
-def _evicted(lab: Lab, pod: Pod) -> bool:
-    obj = lab.core.read_namespaced_pod(pod.name, lab.namespace, _preload_content=False)
-    return bool(json.loads(obj.data)["metadata"].get("deletionTimestamp"))
-
-
 def _repair(lab: Lab, pod: Pod, deadline: float) -> float | None:
     """Seconds from `pod` going UDP-dead to its eviction; None past `deadline`."""
     pod.netns.drop("udp", 53)
     dead_at = time.monotonic()
     while time.monotonic() < dead_at + deadline:
-        if _evicted(lab, pod):
+        if evicted(lab, pod.name):
             return round(time.monotonic() - dead_at, 1)
         time.sleep(0.5)
     return None
 
 
 def repair(work: Path, minutes: float) -> dict[str, Any]:
-    binary = coredns_binary()
-    assert binary is not None, "CoreDNS missing: run scripts/install-test-tools"
-    cluster = Cluster.for_lab(work / "cluster")
-    try:
-        cluster.start()
-    except Exception:
-        cluster.stop()
-        raise
-    lab = Lab(cluster, binary, work)
-    stopping: list[Any] = []
-    try:
-        pods = [lab.add_pod() for _ in range(PODS)]
-        lab.create_service()
-        loss = ["INPUT", "-p", "udp", "--dport", "53", "-m", "statistic", "--mode", "random",
-                "--probability", str(LOSS), "-j", "DROP"]
-        for pod in pods:
-            pod.netns.exec(["iptables", "-A", *loss])
-        token_file = work / "webhook-token"
-        token_file.write_text(TOKEN)
-        kubeconfig = lab.kubeconfig(lab.apply_deploy_rbac(RBAC), "repair")
-        common = ["--kubeconfig", str(kubeconfig), "--namespace", lab.namespace, "--mode",
-                  "in-cluster", "--remediation", "evict", "--cooldown", "10s"]
-        exporters = {
-            "self": Exporter([*common, "--self-remediate", "--listen", LISTEN["self"]],
-                             netns=lab.node),
-            "webhook": Exporter([*common, "--webhook-token-file", str(token_file),
-                                 "--listen", LISTEN["webhook"]], netns=lab.node),
-        }
-        stopping += exporters.values()
-        monitoring = Monitoring(lab, work / "monitoring", LISTEN["webhook"], token_file,
-                                rules())
-        stopping.append(monitoring)
+    with lab_cluster(work) as lab:
+        stopping: list[Any] = []
+        try:
+            pods = [lab.add_pod() for _ in range(PODS)]
+            lab.create_service()
+            loss = ["INPUT", "-p", "udp", "--dport", "53", "-m", "statistic", "--mode", "random",
+                    "--probability", str(LOSS), "-j", "DROP"]
+            for pod in pods:
+                pod.netns.exec(["iptables", "-A", *loss])
+            token_file = work / "webhook-token"
+            token_file.write_text(TOKEN)
+            kubeconfig = lab.kubeconfig(lab.apply_deploy_rbac(RBAC), "repair")
+            common = ["--kubeconfig", str(kubeconfig), "--namespace", lab.namespace, "--mode",
+                      "in-cluster", "--remediation", "evict", "--cooldown", "10s"]
+            exporters = {
+                "self": Exporter([*common, "--self-remediate", "--listen", LISTEN["self"]],
+                                 netns=lab.node),
+                "webhook": Exporter([*common, "--webhook-token-file", str(token_file),
+                                     "--listen", LISTEN["webhook"]], netns=lab.node),
+            }
+            stopping += exporters.values()
+            monitoring = Monitoring(lab, work / "monitoring", LISTEN["webhook"], token_file,
+                                    rules())
+            stopping.append(monitoring)
 
-        print(f"# repair: {PODS} pods losing {LOSS:.0%} of UDP for {minutes:g} min",
-              file=sys.stderr, flush=True)
-        end = time.monotonic() + minutes * 60
-        next_report = time.monotonic() + 60
-        while time.monotonic() < end:
-            if time.monotonic() >= next_report:
-                done = {k: _evictions(e.url) for k, e in exporters.items()}
-                print(f"# repair: {minutes - (end - time.monotonic()) / 60:.0f} min, "
-                      f"evictions {done}", file=sys.stderr, flush=True)
-                next_report += 60
-            time.sleep(max(0.0, min(10.0, end - time.monotonic())))
-        figures: dict[str, Any] = {"loss": LOSS, "loss_minutes": minutes, "pods": PODS}
-        for trigger, exporter in exporters.items():
-            figures[f"false_evictions_{trigger}"] = _evictions(exporter.url)
-        # Suspicions the escalation cleared (docs/performance.md bounds them by 32).
-        figures["suspicions_cleared_self"] = len(exporters["self"].logged(
-            "self-remediation: a suspect pod answered when probed again", timeout=0))
-        for pod in pods:
-            pod.netns.exec(["iptables", "-D", *loss])
+            print(f"# repair: {PODS} pods losing {LOSS:.0%} of UDP for {minutes:g} min",
+                  file=sys.stderr, flush=True)
+            end = time.monotonic() + minutes * 60
+            next_report = time.monotonic() + 60
+            while time.monotonic() < end:
+                if time.monotonic() >= next_report:
+                    done = {k: _evictions(e.url) for k, e in exporters.items()}
+                    print(f"# repair: {minutes - (end - time.monotonic()) / 60:.0f} min, "
+                          f"evictions {done}", file=sys.stderr, flush=True)
+                    next_report += 60
+                time.sleep(max(0.0, min(10.0, end - time.monotonic())))
+            figures: dict[str, Any] = {"loss": LOSS, "loss_minutes": minutes, "pods": PODS}
+            for trigger, exporter in exporters.items():
+                figures[f"false_evictions_{trigger}"] = _evictions(exporter.url)
+            # Suspicions the escalation cleared (docs/performance.md bounds them by 32).
+            figures["suspicions_cleared_self"] = len(exporters["self"].logged(
+                "self-remediation: a suspect pod answered when probed again", timeout=0))
+            for pod in pods:
+                pod.netns.exec(["iptables", "-D", *loss])
 
-        print("# repair: one pod UDP-dead, self-remediation", file=sys.stderr, flush=True)
-        figures["time_to_repair_self_s"] = _repair(lab, pods[0], REPAIR_DEADLINE["self"])
-        exporters["self"].stop()
-        print("# repair: another pod UDP-dead, the Alertmanager path (minutes)",
-              file=sys.stderr, flush=True)
-        figures["time_to_repair_webhook_s"] = _repair(lab, pods[1], REPAIR_DEADLINE["webhook"])
-        mine, theirs = figures["time_to_repair_self_s"], figures["time_to_repair_webhook_s"]
-        figures["repair_ratio_webhook_vs_self"] = (
-            round(theirs / mine, 1) if mine and theirs else None)
-        return figures
-    finally:
-        for thing in reversed(stopping):
-            thing.stop()
-        lab.close()
-        cluster.stop()
+            print("# repair: one pod UDP-dead, self-remediation", file=sys.stderr, flush=True)
+            figures["time_to_repair_self_s"] = _repair(lab, pods[0], REPAIR_DEADLINE["self"])
+            exporters["self"].stop()
+            print("# repair: another pod UDP-dead, the Alertmanager path (minutes)",
+                  file=sys.stderr, flush=True)
+            figures["time_to_repair_webhook_s"] = _repair(lab, pods[1], REPAIR_DEADLINE["webhook"])
+            mine, theirs = figures["time_to_repair_self_s"], figures["time_to_repair_webhook_s"]
+            figures["repair_ratio_webhook_vs_self"] = (
+                round(theirs / mine, 1) if mine and theirs else None)
+            return figures
+        finally:
+            for thing in reversed(stopping):
+                thing.stop()
 
 
 def broken(figures: dict[str, Any]) -> list[str]:

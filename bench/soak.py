@@ -29,14 +29,13 @@ from pathlib import Path
 from typing import Any
 
 from alerts.generate import Config, rules
-from tests.harness.cluster import Cluster, binaries_missing
-from tests.harness.components import coredns_binary
+from tests.harness.cluster import binaries_missing
 from tests.harness.exporter import Exporter
 from tests.harness.lab import Lab
 from tests.harness.monitoring import Monitoring
 from tests.harness.scrape import samples
 
-from .common import RESULTS
+from .common import RESULTS, evicted, lab_cluster
 
 ROOT = Path(__file__).resolve().parents[1]
 RBAC = ROOT / "deploy" / "base" / "rbac.yaml"
@@ -87,108 +86,93 @@ def _slope(points: list[tuple[float, float]]) -> float:
 
 
 def _evicted(lab: Lab) -> list[str]:
-    names = []
-    for pod in lab.pods.values():
-        obj = lab.core.read_namespaced_pod(pod.name, lab.namespace, _preload_content=False)
-        if json.loads(obj.data)["metadata"].get("deletionTimestamp"):
-            names.append(pod.name)
-    return names
+    return [pod.name for pod in lab.pods.values() if evicted(lab, pod.name)]
 
 
 def soak(work: Path, minutes: float) -> dict[str, Any]:
-    binary = coredns_binary()
-    assert binary is not None, "CoreDNS missing: run scripts/install-test-tools"
-    cluster = Cluster.for_lab(work / "cluster")
-    try:
-        cluster.start()
-    except Exception:
-        cluster.stop()
-        raise
-    lab = Lab(cluster, binary, work)
-    stopping: list[Any] = []
-    try:
-        pods = [lab.add_pod() for _ in range(PODS)]
-        lab.create_service()
-        for pod in pods:
-            pod.netns.exec(["iptables", "-A", "INPUT", "-p", "udp", "--dport", "53", "-m",
-                            "statistic", "--mode", "random", "--probability", str(LOSS),
-                            "-j", "DROP"])
-        token_file = work / "webhook-token"
-        token_file.write_text(TOKEN)
-        kubeconfig = lab.kubeconfig(lab.apply_deploy_rbac(RBAC), "soak")
-        exporter = Exporter(
-            ["--kubeconfig", str(kubeconfig), "--namespace", lab.namespace, "--mode",
-             "in-cluster", "--interval", "0.5", "--timeout", "0.3", "--remediation", "evict",
-             "--webhook-token-file", str(token_file), "--listen", LISTEN],
-            netns=lab.node)
-        stopping.append(exporter)
-        monitoring = Monitoring(lab, work / "monitoring", LISTEN, token_file,
-                                rules(SOAK_RULES))
-        stopping.append(monitoring)
+    with lab_cluster(work) as lab:
+        stopping: list[Any] = []
+        try:
+            pods = [lab.add_pod() for _ in range(PODS)]
+            lab.create_service()
+            for pod in pods:
+                pod.netns.exec(["iptables", "-A", "INPUT", "-p", "udp", "--dport", "53", "-m",
+                                "statistic", "--mode", "random", "--probability", str(LOSS),
+                                "-j", "DROP"])
+            token_file = work / "webhook-token"
+            token_file.write_text(TOKEN)
+            kubeconfig = lab.kubeconfig(lab.apply_deploy_rbac(RBAC), "soak")
+            exporter = Exporter(
+                ["--kubeconfig", str(kubeconfig), "--namespace", lab.namespace, "--mode",
+                 "in-cluster", "--interval", "0.5", "--timeout", "0.3", "--remediation", "evict",
+                 "--webhook-token-file", str(token_file), "--listen", LISTEN],
+                netns=lab.node)
+            stopping.append(exporter)
+            monitoring = Monitoring(lab, work / "monitoring", LISTEN, token_file,
+                                    rules(SOAK_RULES))
+            stopping.append(monitoring)
 
-        start = time.monotonic()
-        end = start + minutes * 60
-        points: list[tuple[float, dict[str, float]]] = []
-        evicted_during: list[str] = []
-        next_report = start + 60
-        while time.monotonic() < end:
-            now = time.monotonic()
-            points.append((now - start, _metrics(exporter.url)))
-            evicted_during = _evicted(lab)
-            if now >= next_report:
-                last = points[-1][1]
-                print(f"# soak {int((now - start) / 60)} min: rss "
-                      f"{last['rss_bytes'] / 2**20:.1f} MB, fds {last['open_fds']:.0f}, "
-                      f"tasks {last['tasks']:.0f}, probes {last['probes']:.0f}, "
-                      f"evicted {len(evicted_during)}", file=sys.stderr, flush=True)
-                next_report += 60
-            time.sleep(max(0.0, min(SAMPLE_SECONDS, end - time.monotonic())))
-        fired = monitoring.query(f'max_over_time(ALERTS{{alertstate="firing"}}'
-                                 f'[{int(minutes * 60)}s])')
+            start = time.monotonic()
+            end = start + minutes * 60
+            points: list[tuple[float, dict[str, float]]] = []
+            evicted_during: list[str] = []
+            next_report = start + 60
+            while time.monotonic() < end:
+                now = time.monotonic()
+                points.append((now - start, _metrics(exporter.url)))
+                evicted_during = _evicted(lab)
+                if now >= next_report:
+                    last = points[-1][1]
+                    print(f"# soak {int((now - start) / 60)} min: rss "
+                          f"{last['rss_bytes'] / 2**20:.1f} MB, fds {last['open_fds']:.0f}, "
+                          f"tasks {last['tasks']:.0f}, probes {last['probes']:.0f}, "
+                          f"evicted {len(evicted_during)}", file=sys.stderr, flush=True)
+                    next_report += 60
+                time.sleep(max(0.0, min(SAMPLE_SECONDS, end - time.monotonic())))
+            fired = monitoring.query(f'max_over_time(ALERTS{{alertstate="firing"}}'
+                                     f'[{int(minutes * 60)}s])')
 
-        # Warm-up (imports, first lists, caches) is not a leak: the slope is taken over
-        # the samples after the first minute.
-        steady = [(t, m) for t, m in points if t >= 60] or points
-        first, last = points[0][1], points[-1][1]
-        figures: dict[str, Any] = {
-            "soak_minutes": round(minutes, 1),
-            "soak_probes": last["probes"] - first["probes"],
-            "soak_udp_pod_loss_observed": round(
-                (last["udp_pod_failures"] - first["udp_pod_failures"])
-                / max(1.0, last["udp_pod_probes"] - first["udp_pod_probes"]), 4),
-            "soak_alerts_fired": len(fired),
-            "soak_evictions": len(evicted_during),
-            "soak_remediation_acts": last["remediation_acts"],
-            "soak_rss_mb_start": round(first["rss_bytes"] / 2**20, 1),
-            "soak_rss_mb_end": round(last["rss_bytes"] / 2**20, 1),
-            "soak_rss_slope_kb_per_min": round(
-                _slope([(t, m["rss_bytes"]) for t, m in steady]) * 60 / 1024, 2),
-            "soak_fds_min": min(m["open_fds"] for _, m in steady),
-            "soak_fds_max": max(m["open_fds"] for _, m in steady),
-            "soak_tasks_min": min(m["tasks"] for _, m in steady),
-            "soak_tasks_max": max(m["tasks"] for _, m in steady),
-        }
+            # Warm-up (imports, first lists, caches) is not a leak: the slope is taken over
+            # the samples after the first minute.
+            steady = [(t, m) for t, m in points if t >= 60] or points
+            first, last = points[0][1], points[-1][1]
+            figures: dict[str, Any] = {
+                "soak_minutes": round(minutes, 1),
+                "soak_probes": last["probes"] - first["probes"],
+                "soak_udp_pod_loss_observed": round(
+                    (last["udp_pod_failures"] - first["udp_pod_failures"])
+                    / max(1.0, last["udp_pod_probes"] - first["udp_pod_probes"]), 4),
+                "soak_alerts_fired": len(fired),
+                "soak_evictions": len(evicted_during),
+                "soak_remediation_acts": last["remediation_acts"],
+                "soak_rss_mb_start": round(first["rss_bytes"] / 2**20, 1),
+                "soak_rss_mb_end": round(last["rss_bytes"] / 2**20, 1),
+                "soak_rss_slope_kb_per_min": round(
+                    _slope([(t, m["rss_bytes"]) for t, m in steady]) * 60 / 1024, 2),
+                "soak_fds_min": min(m["open_fds"] for _, m in steady),
+                "soak_fds_max": max(m["open_fds"] for _, m in steady),
+                "soak_tasks_min": min(m["tasks"] for _, m in steady),
+                "soak_tasks_max": max(m["tasks"] for _, m in steady),
+            }
 
-        # Then one pod goes UDP-dead: exactly one eviction, of that pod, and no other.
-        sick = pods[0]
-        sick.netns.drop("udp", 53)
-        dead_at = time.monotonic()
-        deadline = dead_at + 180
-        while time.monotonic() < deadline and not _evicted(lab):
-            time.sleep(1)
-        figures["soak_udp_dead_eviction_seconds"] = round(time.monotonic() - dead_at, 1)
-        quiet_until = time.monotonic() + 60  # and nothing more for a minute
-        while time.monotonic() < quiet_until:
-            time.sleep(5)
-        evicted = _evicted(lab)
-        figures["soak_udp_dead_evictions"] = len(evicted)
-        figures["soak_udp_dead_evicted_the_sick_pod"] = int(evicted == [sick.name])
-        return figures
-    finally:
-        for thing in reversed(stopping):
-            thing.stop()
-        lab.close()
-        cluster.stop()
+            # Then one pod goes UDP-dead: exactly one eviction, of that pod, and no other.
+            sick = pods[0]
+            sick.netns.drop("udp", 53)
+            dead_at = time.monotonic()
+            deadline = dead_at + 180
+            while time.monotonic() < deadline and not _evicted(lab):
+                time.sleep(1)
+            figures["soak_udp_dead_eviction_seconds"] = round(time.monotonic() - dead_at, 1)
+            quiet_until = time.monotonic() + 60  # and nothing more for a minute
+            while time.monotonic() < quiet_until:
+                time.sleep(5)
+            evicted = _evicted(lab)
+            figures["soak_udp_dead_evictions"] = len(evicted)
+            figures["soak_udp_dead_evicted_the_sick_pod"] = int(evicted == [sick.name])
+            return figures
+        finally:
+            for thing in reversed(stopping):
+                thing.stop()
 
 
 def broken(figures: dict[str, Any]) -> list[str]:
