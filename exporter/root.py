@@ -255,9 +255,7 @@ async def check(settings: Settings, plan: Plan) -> list[tuple[Check, ProbeResult
         except Exception as exc:
             raise CannotCheck(f"cannot decide the mode: {modes.api_problem(exc).message}"
                               ) from exc
-        log.info("mode chosen", extra={"fields": {"mode": selection.mode.value,
-                                                  "reason": selection.reason,
-                                                  "skipped": selection.skipped}})
+        modes.announce(selection)
         try:
             targets, queries = await discover_once(settings, client, selection.mode)
         except DiscoveryError as exc:

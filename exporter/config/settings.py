@@ -98,6 +98,12 @@ class ProbeSettings:
     # the ClusterIP of default/kubernetes read from the API.
     default_expect: tuple[str, ...] = ()
 
+    @property
+    def expects_kubernetes_ip(self) -> bool:
+        """The default query is probed and expects the ClusterIP of default/kubernetes,
+        read from the API (no --query, no --expect of its own)."""
+        return not self.queries and not self.default_expect
+
 
 @dataclass(frozen=True)
 class HttpSettings:

@@ -202,13 +202,18 @@ async def choose(settings: Settings, client: kube.Client, query: Query,
                         extra={"fields": {"reason": problem.reason, "error": problem.message,
                                           "retry_seconds": round(delay, 1)}})
         else:
-            log.info("mode chosen", extra={"fields": {
-                "mode": selection.mode.value, "reason": selection.reason,
-                "skipped": selection.skipped, "means": describe(selection)}})
+            announce(selection)
             if metrics is not None:
                 metrics.mode.labels(mode=selection.mode.value).set(1)
             return selection
         await asyncio.sleep(delay)
+
+
+def announce(selection: Selection) -> None:
+    """The decision, in the log: the mode, why, why each other mode was not taken."""
+    log.info("mode chosen", extra={"fields": {
+        "mode": selection.mode.value, "reason": selection.reason,
+        "skipped": selection.skipped, "means": describe(selection)}})
 
 
 def api_problem(exc: BaseException) -> kube.ApiProblem:

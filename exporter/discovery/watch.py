@@ -74,19 +74,13 @@ class Discovery:
         self._published: tuple[list[Target], tuple[Query, ...], dict[Target, bool]] | None = None
         self._warned: set[str] = set()
 
-    @property
-    def needs_kubernetes_ip(self) -> bool:
-        """The default query is probed and expects the ClusterIP of default/kubernetes
-        (no --query, no --expect of its own)."""
-        return not self._settings.probe.queries and not self._settings.probe.default_expect
-
     async def run(self) -> None:
         """Watch and update targets until cancelled."""
         self._loop = asyncio.get_running_loop()
         d = self._settings.discovery
         self._start(SERVICE, "services", d.namespace, kube.service_info,
                     field_selector=f"metadata.name={d.service}")
-        if self.needs_kubernetes_ip:
+        if self._settings.probe.expects_kubernetes_ip:
             self._start(KUBERNETES, "services", "default", kube.service_info,
                         field_selector="metadata.name=kubernetes")
         if self.mode is Mode.NODEPORT:
@@ -244,7 +238,7 @@ class Discovery:
         if self.mode is Mode.NODEPORT and not all(
                 self._sources[n].listed for n in (EXPOSED, NODES)):
             return False
-        if self.needs_kubernetes_ip and not k8s.listed:
+        if self._settings.probe.expects_kubernetes_ip and not k8s.listed:
             # default/kubernetes unreadable (forbidden, say): go on without it, once.
             if k8s.problem is None or k8s.problem.reason not in ("forbidden", "not_found"):
                 return False
@@ -393,9 +387,8 @@ async def discover_once(settings: Settings, client: kube.Client, mode: Mode
                         ) -> tuple[list[Target], tuple[Query, ...]]:
     """The targets and queries of `mode`, listed once (for `check`)."""
     d = settings.discovery
-    snapshot = await asyncio.to_thread(
-        list_once, settings, client, mode,
-        kubernetes=not settings.probe.queries and not settings.probe.default_expect)
+    snapshot = await asyncio.to_thread(list_once, settings, client, mode,
+                                       kubernetes=settings.probe.expects_kubernetes_ip)
     if snapshot.service is None:
         raise DiscoveryError(f"Service {d.namespace}/{d.service} not found")
     queries = probe_queries(settings, snapshot.kubernetes_ip, snapshot.unreadable)

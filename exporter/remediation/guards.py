@@ -51,7 +51,7 @@ class Decision:
     pod: str = ""
     alert: str = ""
     at: float = 0.0
-    trigger: str = ""  # webhook or self, once recorded
+    trigger: str = "webhook"  # or self (remediation/selfheal.py)
 
 
 def skip(result: str, message: str) -> Decision:

@@ -33,7 +33,7 @@ def _remediations(state: AppState, parts: Parts | None) -> str:
     rows = [
         f"<tr><td>{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(d.at))}</td>"
         f"<td>{html.escape(d.pod)}</td><td>{html.escape(d.alert)}</td>"
-        f"<td>{html.escape(d.trigger or 'webhook')}</td>"
+        f"<td>{html.escape(d.trigger)}</td>"
         f"<td>{html.escape(d.action.value)}</td><td>{html.escape(d.result)}</td>"
         f"<td>{html.escape(d.message)}</td></tr>"
         for d in reversed(parts.remediator.recent)

@@ -94,7 +94,7 @@ async def _webhook(request: web.Request, state: AppState) -> web.Response:
         return web.Response(status=500, text=f"internal error: {exc!r}\n")
     return web.json_response({"decisions": [
         {"pod": d.pod, "namespace": d.namespace, "alert": d.alert, "action": d.action.value,
-         "result": d.result, "message": d.message, "trigger": d.trigger or "webhook"}
+         "result": d.result, "message": d.message, "trigger": d.trigger}
         for d in decisions
     ]})
 
