@@ -12,6 +12,7 @@ import time
 import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any, NoReturn
 
 from exporter.model import Query
 from tests.harness import coredns
@@ -134,3 +135,16 @@ def evicted(lab: Lab, name: str) -> bool:
     """Whether the lab's pod `name` was evicted (it has a deletionTimestamp)."""
     obj = lab.core.read_namespaced_pod(name, lab.namespace, _preload_content=False)
     return bool(json.loads(obj.data)["metadata"].get("deletionTimestamp"))
+
+
+def report(bench: str, figures: dict[str, Any], problems: list[str]) -> NoReturn:
+    """Print a bench's `name: value` figures, keep them as JSON in bench/results/, say
+    each broken promise, and exit 1 if there is one."""
+    for name, value in figures.items():
+        print(f"{name}: {value}")
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / time.strftime(f"{bench}-%Y%m%dT%H%M%S.json")
+    out.write_text(json.dumps(figures, indent=2) + "\n")
+    for problem in problems:
+        print(f"FAILED: {problem}", file=sys.stderr)
+    sys.exit(1 if problems else 0)

@@ -25,7 +25,6 @@ repair slower than 30 s).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -42,7 +41,7 @@ from tests.harness.monitoring import Monitoring
 from tests.harness.monitoring import binaries_missing as monitoring_missing
 from tests.harness.scrape import samples
 
-from .common import RESULTS, evicted, lab_cluster
+from .common import evicted, lab_cluster, report
 
 ROOT = Path(__file__).resolve().parents[1]
 RBAC = ROOT / "deploy" / "base" / "rbac.yaml"
@@ -159,15 +158,7 @@ def main() -> None:
         sys.exit(f"bench/repair: {reason}")
     with tempfile.TemporaryDirectory(prefix="repair-") as tmp:
         figures = repair(Path(tmp), args.minutes)
-    for name, value in figures.items():
-        print(f"{name}: {value}")
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / time.strftime("repair-%Y%m%dT%H%M%S.json")
-    out.write_text(json.dumps(figures, indent=2) + "\n")
-    problems = broken(figures)
-    for problem in problems:
-        print(f"FAILED: {problem}", file=sys.stderr)
-    sys.exit(1 if problems else 0)
+    report("repair", figures, broken(figures))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ exactly one eviction of the UDP-dead pod.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -35,7 +34,7 @@ from tests.harness.lab import Lab
 from tests.harness.monitoring import Monitoring
 from tests.harness.scrape import samples
 
-from .common import RESULTS, evicted, lab_cluster
+from .common import evicted, lab_cluster, report
 
 ROOT = Path(__file__).resolve().parents[1]
 RBAC = ROOT / "deploy" / "base" / "rbac.yaml"
@@ -205,15 +204,7 @@ def main() -> None:
         sys.exit(f"bench/soak: {reason}")
     with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
         figures = soak(Path(tmp), args.minutes)
-    for name, value in figures.items():
-        print(f"{name}: {value}")
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / time.strftime("soak-%Y%m%dT%H%M%S.json")
-    out.write_text(json.dumps(figures, indent=2) + "\n")
-    problems = broken(figures)
-    for problem in problems:
-        print(f"FAILED: {problem}", file=sys.stderr)
-    sys.exit(1 if problems else 0)
+    report("soak", figures, broken(figures))
 
 
 if __name__ == "__main__":
