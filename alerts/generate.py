@@ -52,6 +52,10 @@ class Config:
     for_absent: str = "10m"
     for_node: str = "5m"
     for_discovery: str = "15m"
+    for_upstream: str = "2m"
+    # The query label of the exporter's default query (kubernetes.default.svc.<domain>):
+    # answered by CoreDNS from the API, never forwarded upstream.
+    cluster_query: str = "kubernetes"
     remediation_window: str = "1h"
     remediation_failures: int = 3
     runbook: str = RUNBOOK
@@ -62,6 +66,10 @@ TARGET = "kind, namespace, service, pod, node, address"
 RATIO = "target_protocol:dnsprobe_failure_ratio:rate"
 PROBES = "target_protocol:dnsprobe_probes:rate"
 P99 = "target_protocol:dnsprobe_duration_seconds:p99"
+# Per query as well: an upstream failure fails the external queries of every pod while
+# the cluster query passes, which the ratio over all queries blurs.
+QUERY_PROBES = "target_protocol_query:dnsprobe_probes:rate"
+QUERY_RATIO = "target_protocol_query:dnsprobe_failure_ratio:rate"
 # The per-node view: each target's failure ratio as seen from each node.
 NODE_PROBES = "source_node_target_protocol:dnsprobe_probes:rate"
 NODE_RATIO = "source_node_target_protocol:dnsprobe_failure_ratio:rate"
@@ -111,6 +119,12 @@ def rules(c: Config = Config()) -> dict[str, Any]:
         {"record": RATIO,
          "expr": _squash(f"1 - sum without ({keep}) (rate(dnsprobe_probes_total{{{s}, "
                          f'result="success"}}[{c.window}])) / {PROBES}')},
+        {"record": QUERY_PROBES,
+         "expr": _squash(f"sum without (instance, result) (rate(dnsprobe_probes_total{{{s}}}"
+                         f"[{c.window}]))")},
+        {"record": QUERY_RATIO,
+         "expr": _squash(f"1 - sum without (instance, result) (rate(dnsprobe_probes_total"
+                         f'{{{s}, result="success"}}[{c.window}])) / {QUERY_PROBES}')},
         {"record": P99,
          "expr": _squash(f"histogram_quantile(0.99, sum without (instance, query) "
                          f"(rate(dnsprobe_duration_seconds_bucket{{{s}}}[{c.latency_window}])))")},
@@ -172,6 +186,20 @@ def rules(c: Config = Config()) -> dict[str, Any]:
                at least {{ $value | humanizePercentage }} of its {{ $labels.protocol
                }} probes. No restart will be attempted (no other pod is Ready); look for a
                shared cause: the Corefile, the upstream resolvers, the network."""),
+        _alert(c, "CoreDNSUpstreamFailing",
+               f"""(min by (namespace, service, protocol, query)
+                 ({QUERY_RATIO}{{kind="pod", query!="{c.cluster_query}"}}) > {c.failing})
+               and on (namespace, service, protocol)
+               (max by (namespace, service, protocol)
+                 ({QUERY_RATIO}{{kind="pod", query="{c.cluster_query}"}}) < {c.answering})""",
+               c.for_upstream, "warning",
+               "Every CoreDNS pod fails a query for a name outside the cluster.",
+               f"""Every pod of {{{{ $labels.namespace }}}}/{{{{ $labels.service }}}} fails
+               at least {{{{ $value | humanizePercentage }}}} of its {{{{ $labels.protocol }}}}
+               probes of {{{{ $labels.query }}}} over the last {c.window}, while they answer
+               the cluster's own name ({c.cluster_query}): the upstream resolvers CoreDNS
+               forwards to fail. Pods cannot resolve names outside the cluster. CoreDNS is
+               fine, so nothing is restarted for it."""),
         _alert(c, "CoreDNSFailingFromNode",
                f"""({NODE_RATIO}{{kind=~"pod|service"}} > {c.failing})
                and on (kind, namespace, service, address, protocol)
@@ -186,6 +214,15 @@ def rules(c: Config = Config()) -> dict[str, Any]:
                that node lose DNS; CoreDNS itself is fine, so nothing is restarted: look at
                that node's kube-proxy, conntrack and iptables, NodeLocal DNSCache and network
                policy."""),
+        _alert(c, "CoreDNSNodeLocalCacheFailing",
+               f'{NODE_RATIO}{{kind="nodelocal"}} > {c.failing}',
+               c.for_node, "warning",
+               "The NodeLocal DNSCache of a node fails DNS.",
+               f"""The NodeLocal DNSCache at {{{{ $labels.address }}}} on node {{{{
+               $labels.node }}}} failed {{{{ $value | humanizePercentage }}}} of its {{{{
+               $labels.protocol }}}} probes over the last {c.window}. The pods of that node
+               resolve through it and lose DNS, whatever CoreDNS does: look at the
+               node-local-dns pod of that node. Never remediated by restarting CoreDNS."""),
         _alert(c, "CoreDNSProbeLatencyHigh",
                f'{P99}{{kind=~"pod|service"}} > {c.latency_p99_seconds}',
                c.for_latency, "warning",

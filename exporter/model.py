@@ -10,6 +10,8 @@ import enum
 import ipaddress
 from dataclasses import dataclass, field
 
+DNS_PORT = 53
+
 
 class Outcome(enum.StrEnum):
     """What became of a probe; the values are the `result` label of `dnsprobe_probes_total`."""
@@ -68,6 +70,7 @@ class Kind(enum.StrEnum):
     SERVICE = "service"
     POD = "pod"
     NODEPORT = "nodeport"
+    NODELOCAL = "nodelocal"  # the NodeLocal DNSCache of the exporter's own node
     LOADBALANCER = "loadbalancer"
     STATIC = "static"
 
@@ -181,6 +184,9 @@ class ServiceInfo:
     dns_ports: tuple[tuple[Protocol, int, int], ...] = ()
     # status.loadBalancer.ingress IPs of a LoadBalancer Service.
     ingress: tuple[str, ...] = ()
+    # The targetPort of the DNS port: a number, or the name of a container port of the
+    # pods (resolved per pod, PodInfo.port); None when the Service lists no DNS port.
+    target_port: int | str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,6 +217,17 @@ class PodInfo:
     # The first container's state, for messages: "waiting: ErrImagePull: ...", "running",
     # "terminated: exit code 1 (Error)"; empty when there is no status yet.
     state: str = ""
+    # Named container ports of every container: (name, protocol, containerPort).
+    ports: tuple[tuple[str, str, int], ...] = ()
+
+    def port(self, target_port: int | str | None, protocol: str = "UDP") -> int | None:
+        """The port a Service's `target_port` means on this pod: a number as it is, a name
+        looked up among the pod's container ports (that protocol's first), else None."""
+        if isinstance(target_port, int):
+            return target_port
+        named = [(p, port) for n, p, port in self.ports if n == target_port]
+        return next((port for p, port in named if p == protocol), None) or next(
+            (port for _, port in named), None)
 
     def matches(self, selector: tuple[tuple[str, str], ...]) -> bool:
         """True if every key=value of a (non-empty) Service selector is among the labels."""

@@ -26,7 +26,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
 
 from . import kube
-from .config import ConfigError, Mode, Remediation, Settings, default_query
+from .config import RESOLVER_QUERY, ConfigError, Mode, Remediation, Settings, default_query
 from .discovery import modes
 from .discovery.targets import read_resolv_conf, static_targets
 from .discovery.watch import Discovery, DiscoveryError, discover_once
@@ -96,11 +96,14 @@ def plan_targets(settings: Settings) -> Plan:
             [f"no --server, no Kubernetes config, and the resolver file {path} "
              "(--resolv-conf) lists no nameserver to probe"]
         )
+    queries = settings.probe.queries or (RESOLVER_QUERY,)
     return Plan(
         static_targets(endpoints),
         queries,
         f"embedded default: no --server and no Kubernetes config found, probing the "
-        f"nameservers of {path}",
+        f"nameservers of {path} with {', '.join(q.label for q in queries)}"
+        + ("" if settings.probe.queries else
+           " (the root zone's name servers: any resolver answers it)"),
     )
 
 
@@ -120,7 +123,8 @@ def create_app(settings: Settings, plan: Plan) -> web.Application:
     if plan.client is None:
         metrics.discovery_synced.set(1)
         metrics.mode.labels(mode="static").set(1)
-        scheduler = Scheduler(settings.probe, store, metrics)
+        scheduler = Scheduler(settings.probe, store, metrics,
+                              source_node=settings.discovery.node_name)
         scheduler.set_targets(plan.targets, plan.queries)
         parts.set(Parts("static", scheduler, NoRemediation(metrics)))
         work = functools.partial(_run_static, scheduler)
@@ -174,6 +178,10 @@ async def _run_kubernetes(settings: Settings, client: kube.Client, store: Result
 @contextlib.asynccontextmanager
 async def _assembled(settings: Settings, client: kube.Client, mode: Mode, store: ResultStore,
                      metrics: ProcessMetrics) -> AsyncIterator[Parts]:
+    if settings.discovery.node_local_dns is not None and mode is not Mode.IN_CLUSTER:
+        log.warning("--node-local-dns is ignored", extra={"fields": {
+            "reason": f"{mode.value} mode: a node's NodeLocal DNSCache is reached from a "
+                      "pod on that node only (in-cluster mode, the DaemonSet)"}})
     async with contextlib.AsyncExitStack() as stack:
         scheduler = _scheduler(settings, client, mode, store, metrics, stack)
         discovery = Discovery(settings, client, mode, scheduler.set_targets, metrics)
@@ -204,7 +212,7 @@ def _self_remediation(settings: Settings, mode: Mode, store: ResultStore,
 def _scheduler(settings: Settings, client: kube.Client, mode: Mode, store: ResultStore,
                metrics: ProcessMetrics | None, stack: contextlib.AsyncExitStack) -> Scheduler:
     """The scheduler over the mode's transport: the API server's port-forward, a probe pod
-    per round, or the network directly."""
+    per round, or the network directly (from this node: its log lines name it)."""
     if mode is Mode.PORT_FORWARD:
         forward = PortForward(client)
         stack.push_async_callback(forward.close)
@@ -213,7 +221,7 @@ def _scheduler(settings: Settings, client: kube.Client, mode: Mode, store: Resul
         pods = ProbePod(settings, client, metrics)
         stack.callback(pods.stop)
         return Scheduler(settings.probe, store, metrics, rounds=pods)
-    return Scheduler(settings.probe, store, metrics)
+    return Scheduler(settings.probe, store, metrics, source_node=settings.discovery.node_name)
 
 
 def _confirmer(settings: Settings, client: kube.Client, mode: Mode,
@@ -227,8 +235,8 @@ def _confirmer(settings: Settings, client: kube.Client, mode: Mode,
         # round's pod are never taken for each other's leftovers.
         pods = ProbePod(settings, client)
         stack.callback(pods.stop)
-        return ThroughProbePod(pods, settings.discovery.dns_port)
-    return Direct(settings.discovery.dns_port, settings.probe.timeout)
+        return ThroughProbePod(pods)
+    return Direct(settings.probe.timeout)
 
 
 # -- check --------------------------------------------------------------------------------

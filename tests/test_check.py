@@ -75,15 +75,25 @@ def test_udp_dead_server_exits_1_with_udp_failing_and_tcp_passing(
 def test_embedded_default_probes_the_resolver_nameservers(
     tmp_path: Path, netns: Callable[[str], NetNS], start_dns: StartDNS
 ) -> None:
+    """A laptop's resolver, which knows no cluster name: the embedded default asks it a
+    question any resolver answers (the root zone's servers), and says so."""
     ns = netns("resolv")
-    start_dns(Behaviour.HEALTHY, netns=ns, port=53)
+    start_dns(Behaviour.RESOLVER, netns=ns, port=53)
     resolv = tmp_path / "resolv.conf"
-    resolv.write_text("search cluster.local\nnameserver 127.0.0.1\noptions ndots:5\n")
+    resolv.write_text("search example.net\nnameserver 127.0.0.1\noptions ndots:5\n")
     proc = ns.run([*EXPORTER, "check", "--resolv-conf", str(resolv), "--json"])
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 0, proc.stdout + proc.stderr
     results = json.loads(proc.stdout)["results"]
-    assert [(r["kind"], r["address"]) for r in results] == [("static", "127.0.0.1:53")] * 2
+    assert [(r["kind"], r["address"], r["query"]) for r in results] == [
+        ("static", "127.0.0.1:53", "./NS")] * 2
+    assert all(r["answers"] == ["a.root-servers.net."] for r in results), results
     assert "embedded default" in proc.stderr and str(resolv) in proc.stderr
+    assert "with ./NS (the root zone's name servers: any resolver answers it)" in proc.stderr
+    # A --query of the user's replaces it.
+    proc = ns.run([*EXPORTER, "check", "--resolv-conf", str(resolv), "--json",
+                   "--query", "nowhere.example"])
+    assert proc.returncode == 1
+    assert {r["outcome"] for r in json.loads(proc.stdout)["results"]} == {"rcode"}
 
 
 def test_embedded_default_without_nameservers_is_a_config_error(tmp_path: Path) -> None:

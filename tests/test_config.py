@@ -24,7 +24,7 @@ def test_defaults_match_the_contract() -> None:
     assert s.command == "serve"
     assert s.discovery.namespace == "kube-system"
     assert s.discovery.service == "kube-dns"
-    assert s.discovery.dns_port == 53
+    assert s.discovery.dns_port is None  # the Service's targetPort on each pod, else 53
     assert s.discovery.cluster_domain == "cluster.local"
     assert s.probe.protocols == (Protocol.UDP, Protocol.TCP)
     assert s.probe.timeout == 1.0
@@ -131,9 +131,35 @@ def test_expect_before_any_query_is_the_default_querys() -> None:
     # It wins over the ClusterIP read from the API.
     assert default_query(settings, ("10.96.0.1",)).expect == ("10.0.0.1", "10.0.0.2")
     assert default_query(load([], {}), ("10.96.0.1",)).expect == ("10.96.0.1",)
-    # Before a --query it would be lost (the --query replaces the default query): said.
-    [problem] = problems(["--expect", "10.0.0.1", "--query", "example.org"])
-    assert "applies to the default query, which --query replaces" in problem
+    # With Kubernetes the default query is probed beside every --query: it keeps it.
+    both = load(["--expect", "10.0.0.1", "--query", "example.org"], {})
+    assert both.probe.default_expect == ("10.0.0.1",)
+    assert [q.label for q in both.probe.queries] == ["example.org"]
+    # --server targets with a --query do not probe the default query: it would be lost.
+    [problem] = problems(["--server", "10.0.0.53", "--expect", "10.0.0.1", "--query",
+                          "example.org"])
+    assert "applies to the default query, which --server targets with --query" in problem
+
+
+def test_node_local_dns_names_its_node_and_is_an_address() -> None:
+    from exporter.model import Endpoint
+
+    # As the DaemonSet sets it: the node from the downward API's environment variable.
+    settings = load(["--node-local-dns", "169.254.20.10"], {"DNSPROBE_NODE_NAME": "worker-1"})
+    assert settings.discovery.node_local_dns == Endpoint("169.254.20.10", 53)
+    assert settings.discovery.node_name == "worker-1"
+    assert settings.effective()["discovery"]["node_local_dns"] == "169.254.20.10:53"
+    assert load(["--node-local-dns", "[fd00::a]:5353", "--node-name", "n1"],
+                {}).discovery.node_local_dns == Endpoint("fd00::a", 5353)
+    [problem] = problems(["--node-local-dns", "169.254.20.10"])
+    assert "needs the node this exporter runs on: --node-name, or DNSPROBE_NODE_NAME" in problem
+    [problem] = problems(["--node-local-dns", "nodelocal.example", "--node-name", "n1"])
+    assert "is not an IP address" in problem
+    [problem] = problems(["--node-local-dns", "169.254.20.10", "--node-name", "n1",
+                          "--server", "10.0.0.53"])
+    assert "with --server, give the cache as one more --server" in problem
+    [problem] = problems(["--node-name", "Not_A_Node"])
+    assert "not a valid Kubernetes node name" in problem
 
 
 def test_a_default_timeout_makes_room_for_a_short_interval() -> None:

@@ -26,7 +26,8 @@ EXPORTER = "127.0.0.1:9953"  # inside the node namespace
 # The shipped rules with windows for a test that lasts a minute, not an hour.
 FAST_RULES = Config(window="10s", for_pod="5s", for_service="5s", latency_window="10s",
                     for_latency="30s", for_wrong_answer="10s", for_exporter="10s",
-                    for_no_targets="20s", for_discovery="30s", interval="1s")
+                    for_no_targets="20s", for_discovery="30s", for_upstream="5s",
+                    interval="1s")
 
 Loop = Callable[..., tuple[Exporter, Monitoring]]
 

@@ -55,7 +55,7 @@ def test_service_info_reads_dual_stack_ips_dns_port_and_selector() -> None:
     info = kube.service_info(KUBE_DNS)
     assert info == ServiceInfo(
         "kube-system", "kube-dns", ("10.96.0.10", "fd00::a"), 53, (("k8s-app", "kube-dns"),),
-        dns_ports=((Protocol.TCP, 53, 0), (Protocol.UDP, 53, 0)))
+        dns_ports=((Protocol.TCP, 53, 0), (Protocol.UDP, 53, 0)), target_port=53)
 
 
 @pytest.mark.parametrize(
@@ -112,6 +112,59 @@ def test_targets_cover_every_service_ip_and_every_pod_ip() -> None:
     assert all(t.service == "kube-dns" and t.namespace == "kube-system" for t in targets)
     assert {t.pod: r for t, r in ready.items()} == {"a": False, "b": True}
     assert kubernetes_targets(None, pods, 53) == ([], {})
+
+
+def named_target_port(target: int | str) -> dict[str, Any]:
+    """kube-dns whose DNS ports send to `target` (a number, or a name of the pods')."""
+    spec = dict(KUBE_DNS["spec"], ports=[
+        {"name": "dns", "port": 53, "protocol": "UDP", "targetPort": target},
+        {"name": "dns-tcp", "port": 53, "protocol": "TCP", "targetPort": target}])
+    return dict(KUBE_DNS, spec=spec)
+
+
+def test_pods_are_probed_on_the_port_their_services_target_port_names() -> None:
+    """CoreDNS listening on 1053 (a non-root image, say), the Service's targetPort naming
+    it: each pod is probed where its own spec says the name is; --dns-port overrides."""
+    service = kube.service_info(named_target_port("dns"))
+    assert service.target_port == "dns"
+    ports = [{"name": "dns", "containerPort": 1053, "protocol": "UDP"},
+             {"name": "dns-tcp", "containerPort": 1053, "protocol": "TCP"},
+             {"name": "metrics", "containerPort": 9153, "protocol": "TCP"}]
+    moved = pod("moved", ["10.244.0.2"])
+    moved["spec"]["containers"] = [{"name": "coredns", "ports": ports}]
+    stock = pod("stock", ["10.244.0.3"])
+    stock["spec"]["containers"] = [{"name": "coredns", "ports": [
+        {"name": "dns", "containerPort": 53, "protocol": "UDP"}]}]
+    unnamed = pod("unnamed", ["10.244.0.4"])  # the name is not in its spec: 53
+    pods = [kube.pod_info(p) for p in (moved, stock, unnamed)]
+    assert pods[0].ports == (("dns", "UDP", 1053), ("dns-tcp", "TCP", 1053),
+                             ("metrics", "TCP", 9153))
+    targets, _ = kubernetes_targets(service, pods, None)
+    assert [(t.pod, t.endpoint.address) for t in targets if t.kind is Kind.POD] == [
+        ("moved", "10.244.0.2:1053"), ("stock", "10.244.0.3:53"), ("unnamed", "10.244.0.4:53")]
+    # A numeric targetPort is the port on every pod.
+    numeric = kube.service_info(named_target_port(5353))
+    assert [t.endpoint.port for t in kubernetes_targets(numeric, pods, None)[0]
+            if t.kind is Kind.POD] == [5353, 5353, 5353]
+    # --dns-port wins over both.
+    assert {t.endpoint.port for t in kubernetes_targets(service, pods, 53)[0]} == {53}
+
+
+def test_host_network_pods_are_probed_at_their_node_ip_and_terminating_ones_not() -> None:
+    """A hostNetwork CoreDNS pod's IP is its node's; a pod being deleted is leaving."""
+    service = kube.service_info(KUBE_DNS)
+    host = pod("host", ["192.168.1.10"])
+    host["spec"] |= {"hostNetwork": True, "containers": [{"name": "coredns", "ports": [
+        {"name": "dns", "containerPort": 53, "hostPort": 53, "protocol": "UDP"}]}]}
+    host["status"]["hostIP"] = "192.168.1.10"
+    leaving = pod("leaving", ["10.244.0.5"],
+                  metadata={"deletionTimestamp": "2026-12-01T10:00:00Z"})
+    pods = [kube.pod_info(host), kube.pod_info(leaving)]
+    assert pods[1].deleting
+    targets, ready = kubernetes_targets(service, pods, None)
+    assert [(t.pod, t.node, t.endpoint.address) for t in targets if t.kind is Kind.POD] == [
+        ("host", "node-1", "192.168.1.10:53")]
+    assert {t.pod for t in ready} == {"host"}
 
 
 # -- errors --------------------------------------------------------------------------------

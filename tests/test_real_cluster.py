@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import subprocess
@@ -137,57 +138,139 @@ async def test_kubectl_apply_k_deploy_runs_the_image_and_probes_every_pod(
     assert service == {"udp": 1, "tcp": 1}
 
 
-async def test_daemonset_overlay_probes_from_the_node(real_cluster: RealCluster) -> None:
-    """`kubectl apply -k deploy/overlays/daemonset`: one exporter on each node beside the
-    Deployment, admitted under `restricted`, each probing every CoreDNS pod from its
-    node; the node a probe was sent from is its pod's (Prometheus adds `source_node`)."""
+async def test_daemonset_overlay_probes_from_the_node(real_cluster: RealCluster,
+                                                      tmp_path: Path) -> None:
+    """`kubectl apply -k` of a user's overlay over deploy/overlays/daemonset that turns on
+    --node-local-dns: one exporter on each node beside the Deployment, admitted under
+    `restricted`, each probing every CoreDNS pod from its node and the NodeLocal DNSCache
+    of its node (a real CoreDNS on 169.254.20.10 in each node's namespace); the node a
+    probe was sent from is its pod's (Prometheus adds `source_node`)."""
     real = real_cluster
-    with applied(real, REPO / "deploy" / "overlays" / "daemonset"):
-        real.kubectl("-n", NAMESPACE, "rollout", "status",
-                     "daemonset/coredns-health-exporter-node", "--timeout=120s", timeout=130)
-        pods = real.pods(NAMESPACE, "app.kubernetes.io%2Fname%3Dcoredns-health-exporter-node")
-        assert sorted(p["spec"]["nodeName"] for p in pods) == sorted(NODE_NAMES)
-        coredns = ready_coredns(real)
+    coredns = ready_coredns(real)
+    upstreams = sorted(p["status"]["podIP"] for p in coredns.values())
+    user = daemonset_overlay(tmp_path / "overlay", [f"--node-local-dns={NODE_LOCAL_DNS}"])
+    with contextlib.ExitStack() as caches:
+        for node in real.nodes:
+            caches.enter_context(node.node_local_dns(real.coredns_bin, NODE_LOCAL_DNS,
+                                                     upstreams))
+        with applied(real, user):
+            real.kubectl("-n", NAMESPACE, "rollout", "status",
+                         "daemonset/coredns-health-exporter-node", "--timeout=120s",
+                         timeout=130)
+            pods = real.pods(NAMESPACE, PER_NODE)
+            assert sorted(p["spec"]["nodeName"] for p in pods) == sorted(NODE_NAMES)
 
-        def probed_all(body: str) -> bool:
-            ok = [s for s in samples(body) if s.name == "dnsprobe_success"
-                  and s.labels["kind"] == "pod" and s.value == 1]
-            return {s.labels["pod"] for s in ok} == set(coredns) and len(ok) == 6
+            def probed_all(body: str) -> bool:
+                ok = [s for s in samples(body) if s.name == "dnsprobe_success"
+                      and s.labels["kind"] in ("pod", "nodelocal") and s.value == 1]
+                return ({s.labels["pod"] for s in ok if s.labels["kind"] == "pod"}
+                        == set(coredns) and len(ok) == 6 + 2)
 
-        with contextlib.ExitStack() as stack:
-            url = {p["spec"]["nodeName"]: "http://" + stack.enter_context(
-                real.cluster.exposed(f"{p['status']['podIP']}:9953")) for p in pods}
-            await _from_each_node(real, url, coredns, probed_all)
+            with contextlib.ExitStack() as stack:
+                url = {p["spec"]["nodeName"]: "http://" + stack.enter_context(
+                    real.cluster.exposed(f"{p['status']['podIP']}:9953")) for p in pods}
+                await _from_each_node(real, tmp_path, pods, url, coredns, probed_all)
 
 
-async def _from_each_node(real: RealCluster, url: dict[str, str],
-                          coredns: dict[str, dict[str, Any]],
+NODE_LOCAL_DNS = "169.254.20.10"
+PER_NODE = "app.kubernetes.io%2Fname%3Dcoredns-health-exporter-node"
+
+
+def daemonset_overlay(directory: Path, args: list[str]) -> Path:
+    """A user's kustomization over deploy/overlays/daemonset adding flags to the
+    DaemonSet's exporter."""
+    directory.mkdir(parents=True, exist_ok=True)
+    ops = [{"op": "add", "path": "/spec/template/spec/containers/0/args/-", "value": a}
+           for a in args]
+    (directory / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": [os.path.relpath(REPO / "deploy" / "overlays" / "daemonset", directory)],
+        "patches": [{"target": {"kind": "DaemonSet", "name": "coredns-health-exporter-node"},
+                     "patch": json.dumps(ops)}],
+    }))
+    return directory
+
+
+async def _from_each_node(real: RealCluster, work: Path, pods: list[dict[str, Any]],
+                          url: dict[str, str], coredns: dict[str, dict[str, Any]],
                           probed_all: Callable[[str], bool]) -> None:
     for node in NODE_NAMES:
         body = await scrape_until(url[node], probed_all, deadline=60)
         assert probed_all(body), [s for s in samples(body) if s.name == "dnsprobe_success"]
+        # Its own node's cache, labelled with its node; nothing else of the target's.
+        local = [s.labels for s in samples(body) if s.name == "dnsprobe_success"
+                 and s.labels["kind"] == "nodelocal"]
+        assert {(s["node"], s["address"], s["namespace"], s["service"], s["pod"])
+                for s in local} == {(node, f"{NODE_LOCAL_DNS}:53", "", "", "")}, local
         # It only probes: remediation stays with the Deployment.
         assert not [s for s in samples(body) if s.name == "dnsprobe_remediations_total"
                     and s.value > 0]
 
-    # DNS that fails from one node only: the other node loses UDP to one CoreDNS pod.
+    # DNS that fails from one node only: the other node loses UDP to one CoreDNS pod; and
+    # the other node's NodeLocal DNSCache stops answering UDP.
     far = sorted(coredns)[0]
     here = coredns[far]["spec"]["nodeName"]
     [observer] = [n for n in NODE_NAMES if n != here]
-    rule = ["FORWARD", "-d", coredns[far]["status"]["podIP"], "-p", "udp", "--dport", "53",
-            "-j", "DROP"]
+    breaks = [["FORWARD", "-d", coredns[far]["status"]["podIP"], "-p", "udp", "--dport", "53",
+              "-j", "DROP"],
+             ["INPUT", "-d", NODE_LOCAL_DNS, "-p", "udp", "--dport", "53", "-j", "DROP"]]
     netns = real.node_named(observer).netns
-    netns.exec(["iptables", "-I", *rule])
+    cluster_netns = real.cluster.netns
+    assert cluster_netns is not None
+    # Prometheus scrapes the replicas as the shipped scrape config does (source_node from
+    # the pod's node), with the shipped rules on short windows.
+    monitoring = Monitoring(
+        cluster_netns, work / "monitoring", f"{pods[0]['status']['podIP']}:9953",
+        work / "no-token", rules(dataclasses.replace(FAST_RULES, for_node="5s")),
+        scrape_configs=[{
+            "job_name": "coredns-health-exporter-node", "honor_labels": True,
+            "static_configs": [{"targets": [f"{p['status']['podIP']}:9953"],
+                                "labels": {"source_node": p["spec"]["nodeName"]}}
+                               for p in pods]}])
+    for rule in breaks:
+        netns.exec(["iptables", "-I", *rule])
     try:
-        def udp_of(body: str) -> float | None:
+        def udp_of(body: str, **labels: str) -> float | None:
             return next((s.value for s in samples(body) if s.name == "dnsprobe_success"
-                         and s.labels["pod"] == far and s.labels["protocol"] == "udp"), None)
+                         and s.labels["protocol"] == "udp"
+                         and all(s.labels[k] == v for k, v in labels.items())), None)
 
-        body = await scrape_until(url[observer], lambda b: udp_of(b) == 0, deadline=30)
-        assert udp_of(body) == 0
-        assert udp_of(await scrape_until(url[here], lambda b: True)) == 1
+        body = await scrape_until(url[observer], lambda b: udp_of(b, pod=far) == 0 and udp_of(
+            b, kind="nodelocal") == 0, deadline=30)
+        assert udp_of(body, pod=far) == 0 and udp_of(body, kind="nodelocal") == 0
+        other = await scrape_until(url[here], lambda b: True)
+        assert udp_of(other, pod=far) == 1 and udp_of(other, kind="nodelocal") == 1
+
+        # The observer's log says which pod failed from which node.
+        [replica] = [p["metadata"]["name"] for p in pods if p["spec"]["nodeName"] == observer]
+
+        def said() -> list[dict[str, Any]]:
+            logs = real.kubectl("-n", NAMESPACE, "logs", replica)
+            return [r for r in (json.loads(line) for line in logs.splitlines()
+                                if line.startswith("{"))
+                    if r.get("msg") == "probe outcome changed" and r.get("outcome") == "timeout"
+                    and r.get("protocol") == "udp"]
+
+        assert await wait_until(lambda: {(r["kind"], r["pod"], r["node"], r["source_node"])
+                                         for r in said()} >= {
+            ("pod", far, here, observer), ("nodelocal", "", observer, observer)}, 30), said()
+
+        # The per-node alerts have what they need: from the observer, the far pod fails
+        # while from its own node it answers; the observer's cache fails.
+        def fired() -> set[tuple[str, str, str]]:
+            return {(r["metric"]["alertname"], r["metric"].get("source_node", ""),
+                     r["metric"]["address"]) for r in monitoring.query(
+                'ALERTS{alertstate="firing", alertname=~"CoreDNSFailingFromNode|'
+                'CoreDNSNodeLocalCacheFailing"}')}
+
+        expected = {("CoreDNSFailingFromNode", observer, f"{coredns[far]['status']['podIP']}:53"),
+                    ("CoreDNSNodeLocalCacheFailing", observer, f"{NODE_LOCAL_DNS}:53")}
+        assert await wait_until(lambda: fired() == expected, 60), (
+            fired(), monitoring.query("source_node_target_protocol:dnsprobe_failure_ratio:rate"))
     finally:
-        netns.exec(["iptables", "-D", *rule])
+        for rule in breaks:
+            netns.exec(["iptables", "-D", *rule])
+        monitoring.stop()
 
 
 async def test_a_pod_deleted_while_probed_leaves_no_late_log_lines(
@@ -242,9 +325,10 @@ async def test_a_pod_deleted_while_probed_leaves_no_late_log_lines(
         exporter.stop()
 
 
-def overlay(directory: Path, args: dict[str, str]) -> Path:
+def overlay(directory: Path, args: dict[str, str | None]) -> Path:
     """A user's kustomization over deploy/ that sets some of the exporter's flags
-    (`--NAME=VALUE`, replacing the shipped value of that flag, or added)."""
+    (`--NAME=VALUE`, or `--NAME` for a value of None; replacing the shipped value of that
+    flag, or added in the order given)."""
     directory.mkdir(parents=True, exist_ok=True)
     deployment = deploy_deployment()
     shipped: list[str] = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
@@ -253,7 +337,7 @@ def overlay(directory: Path, args: dict[str, str]) -> Path:
         index = next((i for i, a in enumerate(shipped) if a.startswith(f"--{name}=")), "-")
         ops.append({"op": "replace" if index != "-" else "add",
                     "path": f"/spec/template/spec/containers/0/args/{index}",
-                    "value": f"--{name}={value}"})
+                    "value": f"--{name}" if value is None else f"--{name}={value}"})
     (directory / "kustomization.yaml").write_text(yaml.safe_dump({
         "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
         "resources": [os.path.relpath(REPO / "deploy", directory)],
@@ -387,7 +471,7 @@ async def test_rollout_restart_evicts_nothing_and_series_follow_the_pods(
         assert pod["metadata"]["deletionGracePeriodSeconds"] == 30
         shown = real.kubectl("-n", "kube-system", "get", "pod", held)
         assert "Terminating" in shown, shown
-        status, answer = await post_alert(m, held)
+        status, answer = await post_alert(real, m.pods[0], m.token, held)
         assert status == 200, answer
         assert [(d["pod"], d["action"], d["result"]) for d in answer["decisions"]] == [
             (held, "skip", "terminating")], answer
@@ -397,8 +481,10 @@ async def test_rollout_restart_evicts_nothing_and_series_follow_the_pods(
     assert not evictions(real, seen)
 
 
-async def post_alert(m: Monitored, pod: str) -> tuple[int, Any]:
-    """Post Alertmanager's payload for CoreDNSPodUDPFailing on `pod` to an exporter."""
+async def post_alert(real: RealCluster, exporter: dict[str, Any], token: str, pod: str
+                     ) -> tuple[int, Any]:
+    """Post Alertmanager's payload for CoreDNSPodUDPFailing on `pod` to the exporter pod
+    `exporter`, with the webhook's bearer `token`."""
     now = datetime.now(UTC).isoformat().replace("+00:00", "Z")
     body = {"version": "4", "groupKey": "{}:{pod}", "status": "firing",
             "receiver": "coredns-health-exporter", "groupLabels": {}, "commonLabels": {},
@@ -408,10 +494,10 @@ async def post_alert(m: Monitored, pod: str) -> tuple[int, Any]:
                 "fingerprint": os.urandom(8).hex(), "generatorURL": "",
                 "annotations": {}, "labels": {"alertname": "CoreDNSPodUDPFailing",
                                               "namespace": "kube-system", "pod": pod}}]}
-    with m.real.cluster.exposed(f"{m.pods[0]['status']['podIP']}:9953") as address:
+    with real.cluster.exposed(f"{exporter['status']['podIP']}:9953") as address:
         async with aiohttp.ClientSession() as session, session.post(
                 f"http://{address}/webhook/alertmanager", json=body,
-                headers={"Authorization": f"Bearer {m.token}"}) as response:
+                headers={"Authorization": f"Bearer {token}"}) as response:
             return response.status, await response.json()
 
 
@@ -426,20 +512,27 @@ async def test_udp_dead_pod_is_alerted_evicted_and_replaced(monitored: Monitored
                            seen)
 
 
+def budget(real: RealCluster) -> tuple[Any, Any]:
+    """The CoreDNS PodDisruptionBudget's (expected pods, disruptions allowed)."""
+    pdb = real.cluster.api(
+        "GET", "/apis/policy/v1/namespaces/kube-system/poddisruptionbudgets/coredns")
+    status = (pdb or {}).get("status") or {}
+    return status.get("expectedPods"), status.get("disruptionsAllowed")
+
+
+async def budget_allows_one(real: RealCluster) -> None:
+    """Wait until the PodDisruptionBudget an eviction must pass lets one of three go (once
+    a pod of an earlier test, still terminating, has gone and the controller has counted
+    again)."""
+    assert await wait_until(lambda: budget(real) == (3, 1), 90), budget(real)
+
+
 async def _break_and_watch(real: RealCluster, monitoring: Monitoring, sick: str,
                            before: set[str], seen: set[str]) -> None:
     def query(expr: str) -> list[dict[str, Any]]:
         return monitoring.query(expr)
 
-    # The PodDisruptionBudget the eviction must pass: one of three may go (once a pod of
-    # an earlier test, still terminating, has gone and the controller has counted again).
-    def budget() -> tuple[Any, Any]:
-        pdb = real.cluster.api(
-            "GET", "/apis/policy/v1/namespaces/kube-system/poddisruptionbudgets/coredns")
-        status = (pdb or {}).get("status") or {}
-        return status.get("expectedPods"), status.get("disruptionsAllowed")
-
-    assert await wait_until(lambda: budget() == (3, 1), 90), budget()
+    await budget_allows_one(real)
     real.in_pod_network(sick, [
         "iptables", "-A", "INPUT", "-p", "udp", "--dport", "53", "-j", "DROP"])
     assert await wait_until(lambda: bool(query(

@@ -518,11 +518,13 @@ async def test_self_remediation_leaves_a_slow_pod_that_answers_alone(
     lab: Lab, start: Start
 ) -> None:
     """A pod that answers slowly, within the timeout, passes every probe: never suspect.
-    (erratic answers with an address of its own: the query expects none.)"""
-    slow, other = lab.add_pod(coredns.Behaviour.SLOW, delay="150ms"), lab.add_pod()
+    (erratic answers every A query with 192.0.2.53, the other pod too, 1 ms late: the
+    default query expects that address.)"""
+    slow = lab.add_pod(coredns.Behaviour.SLOW, delay="150ms")
+    other = lab.add_pod(coredns.Behaviour.SLOW, delay="1ms")
     lab.create_service()
-    exporter = start("--self-remediate", "--timeout", "0.4", "--query",
-                     "kubernetes.default.svc.cluster.local", webhook=False)
+    exporter = start("--self-remediate", "--timeout", "0.4", "--expect", coredns.ERRATIC_IP,
+                     webhook=False)
 
     def slow_and_answering(body: str) -> bool:
         latency = [s.value for s in samples(body) if s.name == "dnsprobe_duration_seconds_sum"
@@ -553,11 +555,58 @@ async def test_two_self_remediating_replicas_evict_one_pod_once(lab: Lab, start:
         return [r for r in exporter.logs if r.get("pod") == sick.name
                 and r.get("trigger") == "self" and "result" in r]
 
-    # Each replica decides on the pod once it has failed twice in its own rounds.
-    assert await wait_until(lambda: all(decided(r) for r in replicas), 30), [
+    def left(exporter: Exporter) -> bool:
+        """The evicted pod, Terminating, has left this replica's targets."""
+        return any(r.get("msg") == "targets updated" and sick.name in str(r.get("removed"))
+                   for r in exporter.logs)
+
+    # Each replica decides on the pod once it has failed twice in its own rounds, unless
+    # the pod left its targets first (a Terminating pod is not probed).
+    assert await wait_until(lambda: all(decided(r) or left(r) for r in replicas), 30), [
         decided(r) for r in replicas]
     acts = [d for r in replicas for d in decided(r) if d["action"] == "evict"]
     assert [d["result"] for d in acts] == ["success"], acts
     skips = {d["result"] for r in replicas for d in decided(r) if d["action"] == "skip"}
-    assert skips and skips <= {"cooldown", "terminating", "duplicate", "not_found"}, skips
+    assert skips <= {"cooldown", "terminating", "duplicate", "not_found"}, skips
+    assert all(left(r) for r in replicas) or skips
     assert len(events(lab, sick)) == 1 and not evicted(lab, healthy)
+
+
+# -- dual-stack -----------------------------------------------------------------------------
+
+
+async def test_dual_stack_is_probed_on_every_address_and_confirmed_on_each(
+    lab: Lab, start: Start
+) -> None:
+    """A dual-stack Service (both ClusterIPs) and pods with IPv4 and IPv6 podIPs, real
+    addresses in the lab's namespaces: every address is a target, IPv6 as [v6]:port; a pod
+    whose UDP fails over IPv6 alone is confirmed sick on that address and evicted."""
+    sick, healthy = lab.add_pod(dual_stack=True), lab.add_pod(dual_stack=True)
+    lab.create_service(dual_stack=True)
+    assert len(lab.cluster_ips) == 2 and ":" in lab.cluster_ips[1]
+    exporter = start()
+    want = {(f"[{ip}]:53" if ":" in ip else f"{ip}:53", protocol)
+            for ip in [*lab.cluster_ips, *sick.ips, *healthy.ips] for protocol in ("udp", "tcp")}
+
+    def passing(body: str) -> set[tuple[str, str]]:
+        return {(s.labels["address"], s.labels["protocol"]) for s in samples(body)
+                if s.name == "dnsprobe_success" and s.value == 1}
+
+    body = await scrape_until(exporter.url, lambda b: passing(b) >= want, deadline=30)
+    assert passing(body) == want
+    pods = {s.labels["address"]: s.labels["pod"] for s in samples(body)
+            if s.name == "dnsprobe_success" and s.labels["kind"] == "pod"}
+    assert pods[f"[{sick.ip6}]:53"] == pods[f"{sick.ip}:53"] == sick.name
+
+    # UDP/53 dropped over IPv6 only: its IPv4 address still answers.
+    sick.netns.exec(["ip6tables", "-A", "INPUT", "-p", "udp", "--dport", "53", "-j", "DROP"])
+    v6 = f"[{sick.ip6}]:53"
+    await scrape_until(exporter.url, lambda b: (v6, "udp") not in passing(b), deadline=15)
+    body = await metrics(exporter)
+    assert (f"{sick.ip}:53", "udp") in passing(body) and (v6, "udp") not in passing(body)
+    status, answer = await post(exporter, payload(alert(sick, lab.namespace, address=v6)))
+    assert status == 200, answer
+    assert results(answer) == [(sick.name, "evict", "success")], answer
+    assert evicted(lab, sick) and not evicted(lab, healthy)
+    [line] = exporter.logged("evicted pod")
+    assert f"UDP probe now: timeout ({v6}: " in line["reason"], line

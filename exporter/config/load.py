@@ -70,6 +70,14 @@ def _common_parser() -> argparse.ArgumentParser:
     g.add_argument("--resolv-conf", metavar="PATH", help="resolver file read by the embedded "
                    "default when neither --server nor Kubernetes is available "
                    "(default /etc/resolv.conf)")
+    g.add_argument("--node-name", metavar="NAME",
+                   help="the node this exporter runs on, named in its logs as the source "
+                        "of its probes (the DaemonSet sets DNSPROBE_NODE_NAME from "
+                        "spec.nodeName)")
+    g.add_argument("--node-local-dns", metavar="ADDRESS",
+                   help="also probe the NodeLocal DNSCache of this node at ADDRESS[:PORT] "
+                        "(169.254.20.10, say) as kind=\"nodelocal\"; in-cluster mode, "
+                        "needs --node-name (default off)")
     q = p.add_argument_group("probing")
     q.add_argument("--query", action=_QueryAction, dest="query", metavar="NAME[/TYPE]",
                    help="extra query to ask every target (repeatable; TYPE defaults to A)")
@@ -227,10 +235,11 @@ def load(argv: Sequence[str], env: Mapping[str, str] | None = None) -> Settings:
             parse_query(f"{DEFAULT_QUERY_LABEL}.invalid/A", (value,))
         except ValueError as exc:
             problems.append(f"--expect {value}: {exc}")
-    if default_expect and parsed.get("query"):
+    if default_expect and parsed.get("query") and parsed.get("server"):
         problems.append(
             f"--expect {default_expect[0]}: given before any --query, it applies to the "
-            "default query, which --query replaces: put it after the --query it is for")
+            "default query, which --server targets with --query do not probe: put it "
+            "after the --query it is for")
     interval = parsed.get("interval", ProbeSettings.interval)
     # Left at its default, the timeout makes room for a short interval: half of it.
     timeout = parsed.get("timeout", min(ProbeSettings.timeout, interval / 2))
@@ -242,6 +251,14 @@ def load(argv: Sequence[str], env: Mapping[str, str] | None = None) -> Settings:
         concurrency=parsed.get("concurrency", ProbeSettings.concurrency),
         default_expect=default_expect,
     )
+    if parsed.get("node-local-dns") and not parsed.get("node-name"):
+        problems.append(
+            "--node-local-dns needs the node this exporter runs on: --node-name, or "
+            "DNSPROBE_NODE_NAME from the downward API (spec.nodeName), as "
+            "deploy/overlays/daemonset sets it")
+    if parsed.get("node-local-dns") and parsed.get("server"):
+        problems.append("--node-local-dns is for a replica on a node (in-cluster mode); "
+                        "with --server, give the cache as one more --server")
     if args.command == "serve" and probe.timeout >= probe.interval:
         problems.append(
             f"timeout ({probe.timeout:g}s) must be shorter than interval ({probe.interval:g}s), "
@@ -264,6 +281,8 @@ def load(argv: Sequence[str], env: Mapping[str, str] | None = None) -> Settings:
             mode=parsed.get("mode", DiscoverySettings.mode),
             node_address_type=parsed.get("node-address-type",
                                          DiscoverySettings.node_address_type),
+            node_name=parsed.get("node-name", DiscoverySettings.node_name),
+            node_local_dns=parsed.get("node-local-dns"),
         ),
         probe_pod=ProbePodSettings(
             namespace=parsed.get("probe-pod-namespace", ProbePodSettings.namespace),

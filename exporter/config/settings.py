@@ -61,8 +61,10 @@ class DiscoverySettings:
     kubeconfig: str | None = None
     namespace: str = "kube-system"
     service: str = "kube-dns"
-    # Port probed on pod IPs: CoreDNS listens on 53 in the stock manifests.
-    dns_port: int = 53
+    # Port probed on pod IPs (`--dns-port`). None: the port the Service's targetPort
+    # names on each pod (a number, or a named container port), else 53, where CoreDNS
+    # listens in the stock manifests.
+    dns_port: int | None = None
     cluster_domain: str = "cluster.local"
     # Where the embedded default reads nameservers from when nothing else is configured.
     resolv_conf: str = "/etc/resolv.conf"
@@ -70,6 +72,12 @@ class DiscoverySettings:
     # Which node address NodePort targets use: outside the cluster network the nodes'
     # InternalIP is what on-premises clusters route; clouds give ExternalIP.
     node_address_type: NodeAddressType = NodeAddressType.INTERNAL_IP
+    # The node this exporter runs on (the DaemonSet sets DNSPROBE_NODE_NAME from
+    # spec.nodeName): the source node of its probes, named in its log lines.
+    node_name: str = ""
+    # `--node-local-dns`: the NodeLocal DNSCache address probed on this node as a
+    # `nodelocal` target (in-cluster mode; needs node_name).
+    node_local_dns: Endpoint | None = None
 
 
 @dataclass(frozen=True)
@@ -82,8 +90,9 @@ class ProbePodSettings:
 
 @dataclass(frozen=True)
 class ProbeSettings:
-    # Extra queries from `--query`; the default `kubernetes` query is added by the caller
-    # that knows whether an expectation can be read from the API.
+    # Extra queries from `--query`. With Kubernetes the default `kubernetes` query is
+    # probed before them (by discovery, which reads its expectation from the API); static
+    # targets probe these instead of it.
     queries: tuple[Query, ...] = ()
     protocols: tuple[Protocol, ...] = (Protocol.UDP, Protocol.TCP)
     # Seconds. 1 s: glibc's resolver waits 5 s, but a cluster DNS that takes over a
@@ -100,9 +109,9 @@ class ProbeSettings:
 
     @property
     def expects_kubernetes_ip(self) -> bool:
-        """The default query is probed and expects the ClusterIP of default/kubernetes,
-        read from the API (no --query, no --expect of its own)."""
-        return not self.queries and not self.default_expect
+        """The default query (probed whenever Kubernetes is) expects the ClusterIP of
+        default/kubernetes, read from the API: no --expect of its own."""
+        return not self.default_expect
 
 
 @dataclass(frozen=True)
@@ -155,10 +164,17 @@ class Settings:
 
         data = plain(asdict(self))
         data["discovery"]["servers"] = [e.address for e in self.discovery.servers]
+        local = self.discovery.node_local_dns
+        data["discovery"]["node_local_dns"] = local.address if local else None
         return dict(data)
 
 
 
+
+
+# The embedded default's query: the root zone's name servers, which any resolver answers
+# (a cluster name would be an NXDOMAIN on a laptop).
+RESOLVER_QUERY = Query(label="./NS", qname=".", rdtype="NS")
 
 
 def default_query(settings: Settings, expect: tuple[str, ...] = ()) -> Query:

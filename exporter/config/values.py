@@ -110,6 +110,19 @@ def _domain(value: object) -> str:
     return text
 
 
+def _node_name(value: object) -> str:
+    text = _string(value)
+    labels = text.split(".")
+    if len(text) > 253 or not all(_DNS_LABEL_RE.match(label) for label in labels):
+        raise ValueError(f"{text!r} is not a valid Kubernetes node name (RFC 1123 subdomain)")
+    return text
+
+
+def _ip_endpoint(value: object) -> Endpoint:
+    """IP[:PORT] (IPv6 as [IP]:PORT), port 53 by default."""
+    return parse_endpoint(_string(value), 53)  # an IP: names are refused there
+
+
 def _protocols(value: object) -> tuple[Protocol, ...]:
     text = str(value).strip().lower()
     if text == "both":
@@ -220,6 +233,8 @@ KEYS: dict[str, Callable[[object], Any]] = {
     "namespace": _dns_label,
     "service": _dns_label,
     "dns-port": _int_in(1, 65535),
+    "node-name": _node_name,
+    "node-local-dns": _ip_endpoint,
     "cluster-domain": _domain,
     "resolv-conf": _path,
     "query": _queries,

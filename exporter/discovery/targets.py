@@ -8,7 +8,17 @@ from __future__ import annotations
 import ipaddress
 from pathlib import Path
 
-from ..model import Endpoint, Kind, NodeInfo, PodInfo, Protocol, ServiceInfo, Target, valid_ip
+from ..model import (
+    DNS_PORT,
+    Endpoint,
+    Kind,
+    NodeInfo,
+    PodInfo,
+    Protocol,
+    ServiceInfo,
+    Target,
+    valid_ip,
+)
 
 
 def read_resolv_conf(path: Path) -> list[Endpoint]:
@@ -37,13 +47,19 @@ def static_targets(endpoints: list[Endpoint] | tuple[Endpoint, ...]) -> list[Tar
 
 
 def kubernetes_targets(
-    service: ServiceInfo | None, pods: list[PodInfo], dns_port: int
+    service: ServiceInfo | None, pods: list[PodInfo], dns_port: int | None
 ) -> tuple[list[Target], dict[Target, bool]]:
-    """Targets for a Service and its pods: every ClusterIP, every IP of every pod.
+    """Targets for a Service and its pods: every ClusterIP, every IP of every pod (both
+    families of a dual-stack pod; a hostNetwork pod's IPs are its node's).
 
-    Returns the targets (Service IPs first, then pods by name) and, per pod target, the
-    pod's Ready condition. Pods that are not Ready are probed all the same (that is when
-    their DNS matters most); pods that have finished (Succeeded, Failed) are not.
+    A pod is probed on `dns_port` when given (--dns-port), else on the port the Service's
+    targetPort means on that pod (a number, or a named container port looked up in the
+    pod's spec), else on 53. Returns the targets (Service IPs first, then pods by name)
+    and, per pod target, the pod's Ready condition. Pods that are not Ready are probed all
+    the same (that is when their DNS matters most); pods that have finished (Succeeded,
+    Failed) are not, nor Terminating ones (deletionTimestamp set): they are leaving, the
+    Service sends them no new clients, and their failures while they shut down are
+    expected, not an outage.
     """
     if service is None:
         return [], {}
@@ -56,13 +72,15 @@ def kubernetes_targets(
         ]
     ready: dict[Target, bool] = {}
     for pod in sorted(pods, key=lambda p: p.name):
-        if pod.phase in ("Succeeded", "Failed") or not pod.matches(service.selector):
+        if (pod.phase in ("Succeeded", "Failed") or pod.deleting
+                or not pod.matches(service.selector)):
             continue
+        port = dns_port or pod.port(service.target_port) or DNS_PORT
         for ip in pod.ips:
             if not valid_ip(ip):
                 continue
             target = Target(
-                Kind.POD, Endpoint(ip, dns_port), pod.namespace, service.name, pod.name, pod.node
+                Kind.POD, Endpoint(ip, port), pod.namespace, service.name, pod.name, pod.node
             )
             targets.append(target)
             ready[target] = pod.ready

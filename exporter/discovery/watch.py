@@ -290,13 +290,17 @@ def mode_targets(
 ) -> tuple[list[Target], dict[Target, bool]]:
     """The targets `mode` probes, and the Ready condition of each pod target.
 
-    in-cluster and probe-pod: the Service's IPs and every pod IP; port-forward: the pods
+    in-cluster and probe-pod: the Service's IPs and every pod IP (in-cluster: and the
+    NodeLocal DNSCache of this node, `--node-local-dns`); port-forward: the pods
     alone, over TCP alone; nodeport: node addresses x node ports, load-balancer IPs.
     """
     d = settings.discovery
     if mode is Mode.NODEPORT:
         return exposed_targets(service, exposed, nodes, d.node_address_type.value), {}
     targets, ready = kubernetes_targets(service, pods, d.dns_port)
+    if mode is Mode.IN_CLUSTER and d.node_local_dns is not None and service is not None:
+        # The cache on this replica's node, which the pods here resolve through.
+        targets.append(Target(Kind.NODELOCAL, d.node_local_dns, node=d.node_name))
     if mode is Mode.PORT_FORWARD:
         targets = [replace(t, only=Protocol.TCP) for t in targets if t.kind is Kind.POD]
         ready = {replace(t, only=Protocol.TCP): r for t, r in ready.items()}
@@ -305,15 +309,15 @@ def mode_targets(
 
 def probe_queries(settings: Settings, kubernetes_ip: str | None, unreadable: bool
                   ) -> tuple[Query, ...]:
-    """`--query` as given; else the default query, expecting the ClusterIP of
-    default/kubernetes, or, where that could not be read, $KUBERNETES_SERVICE_HOST (every
-    pod's environment names it), else any address."""
-    if settings.probe.queries:
-        return settings.probe.queries
+    """The default query first, then every `--query`. The default query expects what
+    `--expect` gave it, else the ClusterIP of default/kubernetes, or, where that could not
+    be read, $KUBERNETES_SERVICE_HOST (every pod's environment names it), else any
+    address. CoreDNS answers it from the API itself, never from upstream: the cluster's
+    own name, against which an external `--query` failing means the upstreams."""
     ip = kubernetes_ip
     if ip is None and unreadable:
         ip = os.environ.get("KUBERNETES_SERVICE_HOST") or None
-    return (default_query(settings, (ip,) if ip else ()),)
+    return (default_query(settings, (ip,) if ip else ()), *settings.probe.queries)
 
 
 class DiscoveryError(Exception):

@@ -36,17 +36,19 @@ def service_info(obj: Mapping[str, Any]) -> ServiceInfo:
     ips = [ip for ip in ips if ip and ip != "None"]
     ports = [_dict(p) for p in _list(spec.get("ports"))]
 
-    def pick(proto: str, name: str | None) -> int | None:
+    def pick(proto: str, name: str | None) -> Mapping[str, Any] | None:
         for p in ports:
-            if (p.get("protocol") or "TCP") == proto and (name is None or p.get("name") == name):
-                port = p.get("port")
-                if isinstance(port, int):
-                    return port
+            if ((p.get("protocol") or "TCP") == proto and (name is None or p.get("name") == name)
+                    and isinstance(p.get("port"), int)):
+                return p
         return None
 
-    port = pick("UDP", "dns") or pick("UDP", None) or pick("TCP", "dns-tcp")
-    if port is None and any(p.get("port") == 53 for p in ports):
-        port = 53
+    chosen = (pick("UDP", "dns") or pick("UDP", None) or pick("TCP", "dns-tcp")
+              or next((p for p in ports if p.get("port") == 53), None))
+    port = chosen["port"] if chosen else None
+    # targetPort defaults to the port (the API server fills it in); a name is the pods'.
+    target = chosen.get("targetPort", port) if chosen else None
+    target_port = target if isinstance(target, int | str) and target != "" else port
     selector = {str(k): _str(v) for k, v in _dict(spec.get("selector")).items()}
     ingress = [_str(_dict(i).get("ip"))
                for i in _list(_dict(_dict(obj.get("status")).get("loadBalancer")).get("ingress"))]
@@ -59,6 +61,7 @@ def service_info(obj: Mapping[str, Any]) -> ServiceInfo:
         type=_str(spec.get("type")) or "ClusterIP",
         dns_ports=dns_ports(ports),
         ingress=tuple(ip for ip in ingress if ip),
+        target_port=target_port,
     )
 
 
@@ -108,6 +111,10 @@ def pod_info(obj: Mapping[str, Any]) -> PodInfo:
         deleting=bool(meta.get("deletionTimestamp")),
         created=_str(meta.get("creationTimestamp")),
         state=_container_state(_list(status.get("containerStatuses"))),
+        ports=tuple(
+            (_str(p.get("name")), _str(p.get("protocol")) or "TCP", p["containerPort"])
+            for c in _list(spec.get("containers")) for p in map(_dict, _list(_dict(c).get("ports")))
+            if p.get("name") and isinstance(p.get("containerPort"), int)),
     )
 
 

@@ -75,9 +75,13 @@ class Scheduler:
     def __init__(
         self, settings: ProbeSettings, store: ResultStore, metrics: ProcessMetrics | None = None,
         *, transport: Transport | None = None, rounds: Rounds | None = None,
+        source_node: str = "",
     ) -> None:
+        """`source_node`: the node this exporter runs on, when known (--node-name): its
+        log lines say from where a target failed."""
         assert transport is None or rounds is None, "one transport"
         self._settings = settings
+        self._source_node = source_node
         self._store = store
         self._metrics = metrics
         self._transport = transport
@@ -148,16 +152,16 @@ class Scheduler:
         if (previous.outcome if previous else Outcome.SUCCESS) is not result.outcome:
             # Once per change, not per probe: a dead target must not flood the log.
             endpoint = check.target.endpoint
-            log.log(
-                logging.INFO if result.ok else logging.WARNING,
-                "probe outcome changed",
-                extra={"fields": {
-                    "address": endpoint.address, "kind": check.target.kind.value,
-                    "pod": check.target.pod, "protocol": check.protocol.value,
-                    "query": check.query.label, "outcome": result.outcome.value,
-                    "reason": result.reason,
-                }},
-            )
+            fields = {
+                "address": endpoint.address, "kind": check.target.kind.value,
+                "pod": check.target.pod, "node": check.target.node,
+                "protocol": check.protocol.value, "query": check.query.label,
+                "outcome": result.outcome.value, "reason": result.reason,
+            }
+            if self._source_node:
+                fields["source_node"] = self._source_node
+            log.log(logging.INFO if result.ok else logging.WARNING, "probe outcome changed",
+                    extra={"fields": fields})
 
     async def run_once(self) -> list[tuple[Check, ProbeResult]]:
         """Probe every check now (no spread), bounded by the concurrency limit; a round

@@ -6,6 +6,7 @@ restarts one). One try each; the remediator makes up to two.
 
 from __future__ import annotations
 
+import dataclasses
 import typing
 
 from ..dns.engine import probe
@@ -18,24 +19,29 @@ class CannotConfirm(Exception):
 
 
 class Confirmer(typing.Protocol):
-    """One confirming try: (pod, queries) -> the first query's result that fails, else the
-    last one's pass; CannotConfirm when the probing itself failed."""
+    """One confirming try: (pod, its DNS endpoints, queries) -> the first result that
+    fails, over every address of the pod and every query, else the last one's pass;
+    CannotConfirm when the probing itself failed."""
 
-    async def __call__(self, pod: PodInfo, queries: tuple[Query, ...]) -> ProbeResult: ...
+    async def __call__(self, pod: PodInfo, endpoints: tuple[Endpoint, ...],
+                       queries: tuple[Query, ...]) -> ProbeResult: ...
 
 
 class Direct:
     """From here, over the network: in-cluster mode."""
 
-    def __init__(self, dns_port: int, timeout: float) -> None:
-        self._port, self._timeout = dns_port, timeout
+    def __init__(self, timeout: float) -> None:
+        self._timeout = timeout
 
-    async def __call__(self, pod: PodInfo, queries: tuple[Query, ...]) -> ProbeResult:
+    async def __call__(self, pod: PodInfo, endpoints: tuple[Endpoint, ...],
+                       queries: tuple[Query, ...]) -> ProbeResult:
         result: ProbeResult | None = None
-        for query in queries:
-            result = await probe(pod.ips[0], self._port, Protocol.UDP, query, self._timeout)
-            if not result.ok:
-                break
+        for endpoint in endpoints:
+            for query in queries:
+                result = await probe(endpoint.host, endpoint.port, Protocol.UDP, query,
+                                     self._timeout)
+                if not result.ok:
+                    return _at(endpoint, result)
         assert result is not None
         return result
 
@@ -44,21 +50,29 @@ class ThroughProbePod:
     """From a probe pod of its own (its own instance label, so that a confirmation's pod
     and a round's pod are never taken for each other's leftovers): probe-pod mode."""
 
-    def __init__(self, pods: ProbePod, dns_port: int) -> None:
-        self._pods, self._port = pods, dns_port
+    def __init__(self, pods: ProbePod) -> None:
+        self._pods = pods
 
-    async def __call__(self, pod: PodInfo, queries: tuple[Query, ...]) -> ProbeResult:
-        target = Target(Kind.POD, Endpoint(pod.ips[0], self._port), pod.namespace,
-                        pod=pod.name, node=pod.node)
-        checks = [Check(target, Protocol.UDP, q) for q in queries]
+    async def __call__(self, pod: PodInfo, endpoints: tuple[Endpoint, ...],
+                       queries: tuple[Query, ...]) -> ProbeResult:
+        checks = [Check(Target(Kind.POD, e, pod.namespace, pod=pod.name, node=pod.node),
+                        Protocol.UDP, q) for e in endpoints for q in queries]
         try:
             results = await self._pods.round(checks)
         except ProbePodError as exc:
             raise CannotConfirm(f"the probe pod that was to confirm it failed: {exc}") from exc
         if len(results) < len(checks):
             raise CannotConfirm("the probe pod that was to confirm it gave no result for "
-                                f"{len(checks) - len(results)} of {len(checks)} queries")
-        return next((results[c] for c in checks if not results[c].ok), results[checks[-1]])
+                                f"{len(checks) - len(results)} of {len(checks)} checks")
+        failed = next((c for c in checks if not results[c].ok), None)
+        if failed is None:
+            return results[checks[-1]]
+        return _at(failed.target.endpoint, results[failed])
+
+
+def _at(endpoint: Endpoint, result: ProbeResult) -> ProbeResult:
+    """A failure names the address it failed on (a pod has one per IP family)."""
+    return dataclasses.replace(result, reason=f"{endpoint.address}: {result.reason}")
 
 
 class Impossible:
@@ -67,5 +81,6 @@ class Impossible:
     def __init__(self, reason: str) -> None:
         self.reason = reason
 
-    async def __call__(self, pod: PodInfo, queries: tuple[Query, ...]) -> ProbeResult:
+    async def __call__(self, pod: PodInfo, endpoints: tuple[Endpoint, ...],
+                       queries: tuple[Query, ...]) -> ProbeResult:
         raise CannotConfirm(self.reason)

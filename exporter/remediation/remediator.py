@@ -35,7 +35,7 @@ from typing import Any
 from .. import kube
 from ..config import Settings, default_query
 from ..metrics.store import ProcessMetrics
-from ..model import Outcome, PodInfo, ProbeResult, Query
+from ..model import DNS_PORT, Endpoint, Kind, Outcome, PodInfo, ProbeResult, Query, Target
 from .alerts import Alert, Payload
 from .confirm import CannotConfirm, Confirmer, Impossible
 from .guards import (
@@ -76,10 +76,14 @@ def identity() -> str:
 
 
 class Probed(typing.Protocol):
-    """What is being probed now (the scheduler): its queries are the confirmation's."""
+    """What is being probed now (the scheduler): its queries, and its pod targets'
+    addresses and ports, are the confirmation's."""
 
     @property
     def queries(self) -> tuple[Query, ...]: ...
+
+    @property
+    def targets(self) -> list[Target]: ...
 
 
 class Remediator:
@@ -212,12 +216,22 @@ class Remediator:
         if not pod.ips:
             return ProbeResult(outcome=Outcome.ERROR, reason="the pod has no IP")
         queries = self._probed.queries or (default_query(self._settings),)
+        endpoints = self._endpoints(pod)
         result: ProbeResult | None = None
         for _ in range(2):
-            result = await self._confirm_with(pod, queries)
+            result = await self._confirm_with(pod, endpoints, queries)
             if result.ok:
                 return result
         return result
+
+    def _endpoints(self, pod: PodInfo) -> tuple[Endpoint, ...]:
+        """Every address of the pod on the port it is probed on (the Service's targetPort
+        resolved for it, or --dns-port), as the probe rounds have it; a pod not (yet) among
+        the targets: its IPs on --dns-port, else 53."""
+        known = tuple(t.endpoint for t in self._probed.targets
+                      if t.kind is Kind.POD and t.pod == pod.name and t.namespace == pod.namespace)
+        port = self._settings.discovery.dns_port or DNS_PORT
+        return known or tuple(Endpoint(ip, port) for ip in pod.ips)
 
     async def _act(self, alert: Alert, decision: Decision, pod: PodInfo) -> Decision:
         ns, name, uid = pod.namespace, pod.name, pod.uid

@@ -4,9 +4,11 @@ guards and acts, exactly as an alert from the webhook (trigger `self`).
 
 The rule, per pod, from the results the scheduler records (the store):
 
-1. suspect: one of its UDP checks failed in SUSPECT_AFTER results in a row, while another
-   pod's UDP check passed in its latest result. Every pod failing is a shared cause
-   (upstreams, the network, the API's answer): never one pod's fault, nothing restarted.
+1. suspect: every one of its UDP checks (one per query) failed in SUSPECT_AFTER results in
+   a row, while another pod passed one of those queries in its latest result. A pod that
+   still answers some query is not UDP-dead; a query every pod fails is a shared cause:
+   the upstreams (an external name fails, the cluster's own passes), the network, the
+   API's answer; never one pod's fault, nothing restarted.
 2. escalate: ESCALATION probes of that check at once, each on a socket of its own (fresh
    source ports, as clients send); one answer that passes clears the pod.
 3. the remediator: its guards (cooldown, min-ready, rollout, the Lease shared across
@@ -77,13 +79,33 @@ class Tracker:
                     streak.since = result.started_at
                 streak.failed += 1
 
-    def suspects(self, latest: dict[Check, ProbeResult]) -> tuple[list[Check], bool]:
-        """(the checks whose pod is suspect, whether every pod fails). A check is suspect
-        after SUSPECT_AFTER failures in a row while another pod's UDP check passes."""
-        passing = {c.target.pod for c in latest if _watched(c) and latest[c].ok}
-        failing = [c for c, s in self.streaks.items() if s.failed >= SUSPECT_AFTER]
-        every_pod_fails = bool(failing) and not passing
-        return [c for c in failing if passing - {c.target.pod}], every_pod_fails
+    def suspects(self, latest: dict[Check, ProbeResult]) -> tuple[list[Check], frozenset[str]]:
+        """(one check per suspect pod, the queries every pod fails).
+
+        A pod is suspect when every one of its UDP checks failed SUSPECT_AFTER results in a
+        row (its UDP answers nothing) while another pod passes one of those queries. A pod
+        that answers some query is not UDP-dead: an external name failing there while it
+        still passes elsewhere is a cache expiring first (the upstreams are down), not a
+        reason to restart it. A query that every pod fails is a shared cause."""
+        passing: dict[str, set[str]] = {}
+        for c in latest:
+            if _watched(c) and latest[c].ok:
+                passing.setdefault(c.query.label, set()).add(c.target.pod)
+        by_pod: dict[str, list[Check]] = {}
+        for c in self.streaks:
+            by_pod.setdefault(c.target.pod, []).append(c)
+        found: list[Check] = []
+        for pod, checks in by_pod.items():
+            if all(self.streaks[c].failed >= SUSPECT_AFTER for c in checks):
+                answered = [c for c in checks if passing.get(c.query.label, set()) - {pod}]
+                found += answered[:1]
+        shared = frozenset(c.query.label for c, s in self.streaks.items()
+                           if s.failed >= SUSPECT_AFTER and not passing.get(c.query.label))
+        return found, shared
+
+    def passing_queries(self, latest: dict[Check, ProbeResult]) -> frozenset[str]:
+        """The queries some pod passes over UDP in its latest result."""
+        return frozenset(c.query.label for c in latest if _watched(c) and latest[c].ok)
 
 
 def _watched(check: Check) -> bool:
@@ -100,7 +122,7 @@ class SelfRemediation:
         self._remediator = remediator
         self._tracker = Tracker()
         self._held: dict[str, float] = {}  # pod -> monotonic time until it is left alone
-        self._shared_cause = False
+        self._shared: frozenset[str] = frozenset()  # the queries every pod fails
 
     async def run(self) -> None:
         log.info("self-remediation on", extra={"fields": {
@@ -116,12 +138,10 @@ class SelfRemediation:
     async def look(self) -> None:
         latest = self._store.latest()
         self._tracker.observe(latest)
-        suspects, every_pod_fails = self._tracker.suspects(latest)
-        if every_pod_fails != self._shared_cause:
-            self._shared_cause = every_pod_fails
-            if every_pod_fails:
-                log.warning("self-remediation: every CoreDNS pod fails over UDP, a shared "
-                            "cause (upstreams, the network): nothing is restarted for it")
+        suspects, shared = self._tracker.suspects(latest)
+        if shared != self._shared:
+            self._shared = shared
+            self._say_shared(shared, self._tracker.passing_queries(latest))
         now = time.monotonic()
         for check in suspects:
             pod = check.target.pod
@@ -135,6 +155,21 @@ class SelfRemediation:
                 continue
             self._held[pod] = now + HOLD
             await self._decide(check, streak.since)
+
+    @staticmethod
+    def _say_shared(shared: frozenset[str], passing: frozenset[str]) -> None:
+        if not shared:
+            return
+        if passing:
+            log.warning("self-remediation: every CoreDNS pod fails some queries over UDP "
+                        "while they answer others: an upstream failure (the resolvers "
+                        "CoreDNS forwards to), nothing is restarted for it",
+                        extra={"fields": {"failing": sorted(shared),
+                                          "passing": sorted(passing)}})
+        else:
+            log.warning("self-remediation: every CoreDNS pod fails over UDP, a shared "
+                        "cause (upstreams, the network): nothing is restarted for it",
+                        extra={"fields": {"failing": sorted(shared)}})
 
     async def _answers(self, check: Check) -> bool:
         """Any of ESCALATION probes at once passes."""

@@ -38,6 +38,9 @@ from .relay import Relay
 KUBE_VERSION = "v1.37.2"
 KUBE_BIN = CACHE / f"kube-{KUBE_VERSION}" / "bin"
 SERVICE_CIDR = "10.96.0.0/16"
+# The API server allocates IPv6 ClusterIPs too, for dual-stack Services (the lab's); the
+# primary family stays IPv4, so `default/kubernetes` and kube-dns are IPv4 alone.
+SERVICE_CIDR_V6 = "fd00:96::/112"
 POD_CIDR = "10.244.0.0/16"
 # The ClusterIP the API server gives `default/kubernetes`: the first of SERVICE_CIDR.
 KUBERNETES_CLUSTER_IP = "10.96.0.1"
@@ -290,7 +293,7 @@ class Cluster:
             "--service-account-signing-key-file", str(self.pki / "sa.key"),
             "--service-account-issuer", "https://kubernetes.default.svc.cluster.local",
             "--api-audiences", "https://kubernetes.default.svc.cluster.local",
-            "--service-cluster-ip-range", SERVICE_CIDR,
+            "--service-cluster-ip-range", f"{SERVICE_CIDR},{SERVICE_CIDR_V6}",
             "--kubelet-client-certificate", str(self.pki / "kubelet-client.crt"),
             "--kubelet-client-key", str(self.pki / "kubelet-client.key"),
             # As kubeadm configures it: a node's own name need not resolve.

@@ -40,6 +40,9 @@ class Behaviour(enum.StrEnum):
     TRUNCATE = "truncate"
     SLOW = "slow"
     REFUSED = "refused"
+    # A general resolver, as on a laptop: it knows the root zone's servers (`. NS`) and no
+    # cluster name.
+    RESOLVER = "resolver"
 
 
 def _zone(kubernetes_ip: str | None) -> str:
@@ -61,6 +64,9 @@ def _plugins(behaviour: Behaviour, zone_file: Path, delay: str) -> tuple[str, st
         return CLUSTER_DOMAIN, f"template IN ANY {CLUSTER_DOMAIN} {{\n    rcode {rcode}\n  }}"
     if behaviour is Behaviour.TRUNCATE:
         return ".", "erratic {\n    truncate 1\n    drop 0\n  }"
+    if behaviour is Behaviour.RESOLVER:
+        return ".", ('template IN NS . {\n    answer ". 518400 IN NS a.root-servers.net."\n  }'
+                     '\n  template IN A . {\n    rcode NXDOMAIN\n  }')
     if behaviour is Behaviour.SLOW:
         return ".", f"erratic {{\n    delay 1 {delay}\n    drop 0\n  }}"
     ip = {Behaviour.HEALTHY: KUBERNETES_IP, Behaviour.WRONG_ANSWER: WRONG_IP}.get(behaviour)

@@ -34,6 +34,9 @@ from .relay import Relay
 
 POD_PREFIX = "10.244.0."
 NODE_ADDRESS = POD_PREFIX + "1"
+# Dual-stack pods have an IPv6 address too, on the same bridge.
+POD_PREFIX_V6 = "fd00:244::"
+NODE_ADDRESS_V6 = POD_PREFIX_V6 + "1"
 # The node's address on the network outside the cluster (InternalIP of its Node object),
 # the outside namespace's own, and a load balancer's ingress IP that routes via the node.
 NODE_OUTSIDE = "192.168.77.1"
@@ -51,6 +54,11 @@ class Pod:
     netns: NetNS
     server: coredns.CoreDNS
     node: str
+    ip6: str = ""  # a dual-stack pod's IPv6 address
+
+    @property
+    def ips(self) -> list[str]:
+        return [self.ip, self.ip6] if self.ip6 else [self.ip]
 
     def stop(self) -> None:
         self.server.stop()
@@ -85,9 +93,11 @@ class Lab:
             ["ip", "addr", "add", f"{NODE_ADDRESS}/24", "dev", "br0"],
             ["ip", "link", "set", "br0", "up"],
             ["ip", "route", "add", "10.96.0.0/16", "dev", "br0"],
-            ["iptables", "-t", "nat", "-N", _CHAIN],
-            ["iptables", "-t", "nat", "-A", "OUTPUT", "-j", _CHAIN],
-            ["iptables", "-t", "nat", "-A", "PREROUTING", "-j", _CHAIN],
+            ["ip", "addr", "add", f"{NODE_ADDRESS_V6}/64", "dev", "br0", "nodad"],
+            ["ip", "route", "add", "fd00:96::/112", "dev", "br0"],
+            *([tool, "-t", "nat", *rule] for tool in ("iptables", "ip6tables") for rule in (
+                ["-N", _CHAIN], ["-A", "OUTPUT", "-j", _CHAIN],
+                ["-A", "PREROUTING", "-j", _CHAIN])),
         ):
             self.node.exec(args)
         self.relay_in(API_IN_NODE, f"127.0.0.1:{self.cluster.api_port}")
@@ -129,39 +139,48 @@ class Lab:
         return self.kubeconfig(ADMIN_TOKEN, "admin")
 
     def start_pod_network(
-        self, behaviour: coredns.Behaviour = coredns.Behaviour.HEALTHY, **options: str
-    ) -> tuple[NetNS, str, coredns.CoreDNS]:
-        """A pod namespace on the bridge and its CoreDNS; `options` go to coredns.start
-        (delay, lameduck)."""
+        self, behaviour: coredns.Behaviour = coredns.Behaviour.HEALTHY, *,
+        dual_stack: bool = False, **options: str
+    ) -> tuple[NetNS, str, str, coredns.CoreDNS]:
+        """A pod namespace on the bridge and its CoreDNS: (namespace, IPv4, IPv6 or "",
+        server); `options` go to coredns.start (delay, lameduck)."""
         host = next(self._hosts)
         ip = f"{POD_PREFIX}{host}"
+        ip6 = f"{POD_PREFIX_V6}{host:x}" if dual_stack else ""
         ns = NetNS("pod")
         veth = f"vp{host}"
         self.node.exec(["ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0",
                         "netns", ns.name])
         self.node.exec(["ip", "link", "set", veth, "master", "br0", "up"])
         ns.exec(["ip", "addr", "add", f"{ip}/24", "dev", "eth0"])
+        if ip6:  # nodad: usable at once, not after duplicate address detection
+            ns.exec(["ip", "addr", "add", f"{ip6}/64", "dev", "eth0", "nodad"])
         ns.exec(["ip", "link", "set", "eth0", "up"])
         server = coredns.start(
             self.coredns_bin, self.workdir / "coredns", behaviour, netns=ns, host=ip, port=53,
-            **options,  # type: ignore[arg-type]
+            extra_hosts=[ip6] if ip6 else [], **options,  # type: ignore[arg-type]
         )
-        return ns, ip, server
+        return ns, ip, ip6, server
 
     def route_service(self) -> None:
-        """Rewrite the DNAT rules: each Service IP to the Ready pods, as kube-proxy does."""
-        self.node.exec(["iptables", "-t", "nat", "-F", _CHAIN])
-        ready = [p.ip for p in self.pods.values() if self._ready.get(p.name, True)]
+        """Rewrite the DNAT rules: each Service IP to the Ready pods of its family, as
+        kube-proxy does."""
+        for tool in ("iptables", "ip6tables"):
+            self.node.exec([tool, "-t", "nat", "-F", _CHAIN])
+        ready = [p for p in self.pods.values() if self._ready.get(p.name, True)]
         fronts = [(ip, 53, proto) for ip in self.cluster_ips for proto in ("udp", "tcp")]
         for address, port, proto in fronts + self.exposed:
-            for i, ip in enumerate(ready):
+            v6 = ":" in address
+            backends = [p.ip6 if v6 else p.ip for p in ready if p.ip6 or not v6]
+            for i, ip in enumerate(backends):
                 match = ["-d", address, "-p", proto, "--dport", str(port)]
-                left = len(ready) - i
+                left = len(backends) - i
                 if left > 1:
                     match += ["-m", "statistic", "--mode", "random",
                               "--probability", f"{1 / left:.5f}"]
-                self.node.exec(["iptables", "-t", "nat", "-A", _CHAIN, *match,
-                                "-j", "DNAT", "--to-destination", f"{ip}:53"])
+                to = f"[{ip}]:53" if v6 else f"{ip}:53"
+                self.node.exec(["ip6tables" if v6 else "iptables", "-t", "nat", "-A", _CHAIN,
+                                *match, "-j", "DNAT", "--to-destination", to])
 
     # -- Kubernetes objects ---------------------------------------------------------------
 
@@ -240,10 +259,14 @@ class Lab:
         return svc
 
     def create_service(self, namespace: str | None = None, name: str | None = None,
-                       selector: dict[str, str] | None = None) -> str:
+                       selector: dict[str, str] | None = None, dual_stack: bool = False) -> str:
+        """The CoreDNS Service (dual-stack: both ClusterIPs, IPv4 first); its IPv4
+        ClusterIP."""
+        families = {"ipFamilyPolicy": "RequireDualStack", "ipFamilies": ["IPv4", "IPv6"]}
         body = {
             "metadata": {"name": name or self.service, "labels": {"k8s-app": "kube-dns"}},
             "spec": {
+                **(families if dual_stack else {}),
                 "selector": selector or SELECTOR,
                 "ports": [
                     {"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 53},
@@ -255,7 +278,7 @@ class Lab:
         svc = self.core.create_namespaced_service(namespace or self.namespace, body)
         ip: str = svc.spec.cluster_ip
         if namespace in (None, self.namespace):
-            self.cluster_ips = [ip]
+            self.cluster_ips = list(svc.spec.cluster_ips or [ip])
             self.route_service()
         return ip
 
@@ -267,19 +290,22 @@ class Lab:
         node: str = "node-a",
         namespace: str | None = None,
         labels: dict[str, str] | None = None,
+        dual_stack: bool = False,
         **options: str,
     ) -> Pod:
-        """A CoreDNS pod: a namespace, a CoreDNS process and the Pod object, Running;
-        `options` go to coredns.start (delay, lameduck)."""
-        ns, ip, server = self.start_pod_network(behaviour, **options)
+        """A CoreDNS pod: a namespace, a CoreDNS process and the Pod object, Running
+        (dual-stack: an IPv6 address too, in podIPs after the IPv4 one); `options` go to
+        coredns.start (delay, lameduck)."""
+        ns, ip, ip6, server = self.start_pod_network(behaviour, dual_stack=dual_stack,
+                                                     **options)
         name = f"coredns-{ip.rsplit('.', 1)[1]}-{uuid.uuid4().hex[:5]}"
-        pod = Pod(name, ip, ns, server, node)
+        pod = Pod(name, ip, ns, server, node, ip6)
         self.ensure_node(node)
         self.core.create_namespaced_pod(namespace or self.namespace, {
             "metadata": {"name": name, "labels": labels or SELECTOR},
             "spec": {"nodeName": node, "containers": [{"name": "coredns", "image": "coredns"}]},
         })
-        self._patch_status(namespace or self.namespace, name, ip, ready)
+        self._patch_status(namespace or self.namespace, name, pod.ips, ready)
         if namespace in (None, self.namespace):
             self.pods[name] = pod
             self._ready[name] = ready
@@ -289,7 +315,7 @@ class Lab:
         return pod
 
     def set_ready(self, pod: Pod, ready: bool) -> None:
-        self._patch_status(self.namespace, pod.name, pod.ip, ready)
+        self._patch_status(self.namespace, pod.name, pod.ips, ready)
         self._ready[pod.name] = ready
         self.route_service()
 
@@ -300,12 +326,12 @@ class Lab:
         self.route_service()
         pod.stop()
 
-    def _patch_status(self, namespace: str, name: str, ip: str, ready: bool) -> None:
+    def _patch_status(self, namespace: str, name: str, ips: list[str], ready: bool) -> None:
         status = "True" if ready else "False"
         body: dict[str, Any] = {"status": {
             "phase": "Running",
-            "podIP": ip,
-            "podIPs": [{"ip": ip}],
+            "podIP": ips[0],
+            "podIPs": [{"ip": ip} for ip in ips],
             "hostIP": NODE_ADDRESS,
             "conditions": [
                 {"type": "Ready", "status": status},

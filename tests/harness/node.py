@@ -26,6 +26,7 @@ import os
 import shutil
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -274,6 +275,35 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         pid = self.pod_pid(namespace, pod)
         subprocess.run(["nsenter", f"--net=/proc/{pid}/ns/net", "--", *args], check=True,
                        capture_output=True, text=True, timeout=30)
+
+    @contextlib.contextmanager
+    def node_local_dns(self, coredns_bin: Path, address: str, upstreams: list[str],
+                       timeout: float = 20) -> Iterator[Process]:
+        """A NodeLocal DNSCache on this node, as node-local-dns runs one: a real CoreDNS in
+        the node's own network namespace on a link-local `address` (on `lo` here: this
+        kernel has no dummy interfaces), caching and forwarding to `upstreams`; pods on
+        the node reach it by the node's local delivery. Removed afterwards."""
+        config = self.workdir / "node-local-dns.Corefile"
+        config.write_text(f""".:53 {{
+    bind {address}
+    cache 30
+    forward . {" ".join(upstreams)}
+}}
+""")
+        self.netns.exec(["ip", "addr", "add", f"{address}/32", "dev", "lo"])
+        process: Process | None = None
+        try:
+            process = self._start("node-local-dns", [str(coredns_bin), "-conf", str(config)])
+            deadline = time.monotonic() + timeout
+            while "CoreDNS-" not in process.tail():  # its banner: listening
+                if not process.alive() or time.monotonic() > deadline:
+                    raise RuntimeError(f"node-local-dns on {self.name}:\n{process.tail()}")
+                time.sleep(0.05)  # polling its log file for the banner
+            yield process
+        finally:
+            if process is not None:
+                process.stop()
+            self.netns.exec(["ip", "addr", "del", f"{address}/32", "dev", "lo"])
 
     def _kubelet_config(self) -> Path:
         resolv = self.workdir / "resolv.conf"
