@@ -518,7 +518,8 @@ BAD_SETTINGS = {
     "min-ready": "-1", "cooldown": "soon", "allow-delete": "maybe", "self-remediate": "yes!",
     "log-format": "xml",
     "mode": "tunnel", "node-address-type": "Hostname", "probe-pod-namespace": "Bad_NS",
-    "probe-pod-image": "bad image", "query": "bad..name",
+    "probe-pod-image": "bad image", "query": "bad..name", "node-name": "Bad_Node",
+    "node-local-dns": "nodelocal.example",
 }
 # A missing token file is not a configuration error: a Secret volume may fill it later;
 # the webhook answers 503 and says why until it can be read (tests/test_remediation.py).

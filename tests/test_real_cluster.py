@@ -27,6 +27,7 @@ from tests.harness.components import missing
 from tests.harness.exporter import Exporter
 from tests.harness.monitoring import Monitoring
 from tests.harness.monitoring import binaries_missing as monitoring_missing
+from tests.harness.node import COREDNS_IMAGE
 from tests.harness.realcluster import RealCluster, deploy_deployment
 from tests.harness.scrape import samples, scrape_until, wait_until
 from tests.test_e2e import FAST_RULES
@@ -325,6 +326,81 @@ async def test_a_pod_deleted_while_probed_leaves_no_late_log_lines(
         exporter.stop()
 
 
+ALT_COREFILE = (".:1053 {\n"
+                "    template IN A kubernetes.default.svc.cluster.local {\n"
+                f'        answer "{{{{ .Name }}}} 5 IN A {KUBERNETES_CLUSTER_IP}"\n'
+                "    }\n"
+                "}\n")
+
+
+def alt_dns(namespace: str) -> str:
+    """A second cluster DNS in `namespace`, as some clusters run CoreDNS: listening on
+    1053 (a non-root image), the Service's targetPort naming the container port; one pod
+    on the pod network and one hostNetwork pod (its IP is its node's), on worker-2."""
+    def deployment(name: str, host: bool) -> dict[str, Any]:
+        spec: dict[str, Any] = {
+            "containers": [{
+                "name": "coredns", "image": COREDNS_IMAGE, "imagePullPolicy": "Never",
+                "args": ["-conf", "/etc/coredns/Corefile"],
+                "ports": [{"name": "dns", "containerPort": 1053, "protocol": "UDP"},
+                          {"name": "dns-tcp", "containerPort": 1053, "protocol": "TCP"}],
+                "volumeMounts": [{"name": "config", "mountPath": "/etc/coredns"}]}],
+            "volumes": [{"name": "config", "configMap": {"name": "alt-dns"}}],
+            "nodeSelector": {"kubernetes.io/hostname": NODE_NAMES[1]}}
+        if host:
+            spec |= {"hostNetwork": True, "dnsPolicy": "Default"}
+        labels = {"app": "alt-dns", "variant": name}
+        return {"apiVersion": "apps/v1", "kind": "Deployment",
+                "metadata": {"name": name, "namespace": namespace},
+                "spec": {"replicas": 1, "selector": {"matchLabels": labels},
+                         "template": {"metadata": {"labels": labels}, "spec": spec}}}
+
+    objects = [
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}},
+        {"apiVersion": "v1", "kind": "ConfigMap",
+         "metadata": {"name": "alt-dns", "namespace": namespace},
+         "data": {"Corefile": ALT_COREFILE}},
+        deployment("alt-dns-pod", host=False), deployment("alt-dns-host", host=True),
+        {"apiVersion": "v1", "kind": "Service",
+         "metadata": {"name": "alt-dns", "namespace": namespace},
+         "spec": {"selector": {"app": "alt-dns"}, "ports": [
+             {"name": "dns", "port": 53, "protocol": "UDP", "targetPort": "dns"},
+             {"name": "dns-tcp", "port": 53, "protocol": "TCP", "targetPort": "dns-tcp"}]}},
+    ]
+    return yaml.safe_dump_all(objects)
+
+
+def test_named_target_ports_and_host_network_pods(real_cluster: RealCluster) -> None:
+    """Pods are probed on the port their Service's targetPort names in each pod's spec
+    (1053 here, behind Service port 53), a hostNetwork pod at its node's IP; the Service
+    IP on its own port."""
+    real, namespace = real_cluster, "alt-dns"
+    real.kubectl("apply", "-f", "-", stdin=alt_dns(namespace))
+    try:
+        for name in ("alt-dns-pod", "alt-dns-host"):
+            real.kubectl("-n", namespace, "rollout", "status", f"deployment/{name}",
+                         "--timeout=120s", timeout=130)
+        pods = {p["metadata"]["labels"]["variant"]: p
+                for p in real.pods(namespace, "app%3Dalt-dns")}
+        host = pods["alt-dns-host"]
+        assert host["status"]["podIP"] == host["status"]["hostIP"]
+        done = check_inside(real, "--mode", "in-cluster", "--namespace", namespace,
+                            "--service", "alt-dns")
+        assert done.returncode == 0, done.stdout + done.stderr
+        results = json.loads(done.stdout)["results"]
+        assert all(r["outcome"] == "success" for r in results), results
+        got = {(r["kind"], r["pod"], r["node"], r["address"]) for r in results}
+        service = real.cluster.api("GET", f"/api/v1/namespaces/{namespace}/services/alt-dns")
+        assert service is not None
+        assert got == {
+            ("service", "", "", f"{service['spec']['clusterIP']}:53"),
+            *{("pod", p["metadata"]["name"], NODE_NAMES[1], f"{p['status']['podIP']}:1053")
+              for p in pods.values()}}
+    finally:
+        real.kubectl("delete", "namespace", namespace, "--wait=true", "--timeout=120s",
+                     timeout=130)
+
+
 def overlay(directory: Path, args: dict[str, str | None]) -> Path:
     """A user's kustomization over deploy/ that sets some of the exporter's flags
     (`--NAME=VALUE`, or `--NAME` for a value of None; replacing the shipped value of that
@@ -471,6 +547,11 @@ async def test_rollout_restart_evicts_nothing_and_series_follow_the_pods(
         assert pod["metadata"]["deletionGracePeriodSeconds"] == 30
         shown = real.kubectl("-n", "kube-system", "get", "pod", held)
         assert "Terminating" in shown, shown
+        # Leaving: no longer probed, its series gone from both exporters (a pod that is
+        # shutting down fails by design), while the other pods stay probed.
+        assert await wait_until(lambda: not m.query(f'dnsprobe_success{{pod="{held}"}}'),
+                                30), m.query(f'dnsprobe_success{{pod="{held}"}}')
+        assert len(m.query('dnsprobe_success{kind="pod"} == 1')) >= 4 * (len(after) - 1)
         status, answer = await post_alert(real, m.pods[0], m.token, held)
         assert status == 200, answer
         assert [(d["pod"], d["action"], d["result"]) for d in answer["decisions"]] == [
