@@ -25,6 +25,7 @@ def test_defaults_match_the_contract() -> None:
     assert s.discovery.namespace == "kube-system"
     assert s.discovery.service == "kube-dns"
     assert s.discovery.dns_port is None  # the Service's targetPort on each pod, else 53
+    assert s.http.probe_endpoint.value == "any"  # blackbox_exporter's contract
     assert s.discovery.cluster_domain == "cluster.local"
     assert s.probe.protocols == (Protocol.UDP, Protocol.TCP)
     assert s.probe.timeout == 1.0

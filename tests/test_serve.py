@@ -10,6 +10,7 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
+import aiohttp
 import aiohttp.web
 import pytest
 
@@ -120,6 +121,84 @@ async def test_probe_debug_shows_log_metrics_and_settings(
     assert "Logs for the probe:" in body and "sending A kubernetes.default.svc" in body
     assert "Metrics that would have been returned:" in body and "dnsprobe_success 1.0" in body
     assert "expect: 10.96.0.1" in body and "protocol: udp" in body
+
+
+async def test_probe_endpoint_off_answers_404_and_known_refuses_other_addresses(
+    two_servers: tuple[CoreDNS, CoreDNS]
+) -> None:
+    healthy, broken = two_servers
+    off = Exporter(["--server", healthy.address, "--probe-endpoint", "off"])
+    known = Exporter(["--server", healthy.address, "--probe-endpoint", "known"])
+    try:
+        status, _, body = await scrape(off.url, f"/probe?target={healthy.address}")
+        assert status == 404 and "--probe-endpoint off" in body
+        assert (await scrape(off.url, "/metrics"))[0] == 200
+        # An address it probes: answered; any other: 403, before any packet is sent.
+        status, _, body = await scrape(known.url, f"/probe?target={healthy.address}")
+        assert status == 200 and value(body, "dnsprobe_success") == 1
+        status, _, body = await scrape(known.url, f"/probe?target={broken.address}")
+        assert status == 403, body
+        assert f"{broken.address} is not among the addresses this exporter probes" in body
+        host, port = healthy.address.rsplit(":", 1)
+        status, _, _ = await scrape(known.url, f"/probe?target={host}:{int(port) + 1}")
+        assert status == 403  # the same IP on another port is another target
+        # Bad parameters are still 400, whatever the policy.
+        assert (await scrape(known.url, "/probe?target=example.org"))[0] == 400
+    finally:
+        off.stop()
+        known.stop()
+
+
+async def test_a_probe_flood_is_bounded_and_leaves_the_exporter_serving(
+    healthy_dns: CoreDNS
+) -> None:
+    """200 /probe requests at once at a server that never answers (a UDP socket nobody
+    reads, on loopback), each waiting up to 3 s: at most MAX_PROBE_INFLIGHT probe, the rest
+    get 503 with Retry-After at once; /metrics and /-/healthy answer meanwhile, and /probe
+    works again after."""
+    from exporter.web.probe import MAX_PROBE_INFLIGHT
+
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    silent.bind(("127.0.0.1", 0))
+    target = f"127.0.0.1:{silent.getsockname()[1]}"
+    exporter = Exporter(["--server", healthy_dns.address])
+    try:
+        connector = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            async def one() -> tuple[int, str]:
+                async with session.get(
+                        f"{exporter.url}/probe?target={target}&timeout=3") as resp:
+                    await resp.read()
+                    return resp.status, resp.headers.get("Retry-After", "")
+
+            flood = [asyncio.create_task(one()) for _ in range(200)]
+            busy = await asyncio.wait_for(_first_busy(flood), 10)
+            assert busy == (503, "1")
+            # Meanwhile the exporter serves everything else.
+            assert (await scrape(exporter.url, "/-/healthy"))[0] == 200
+            assert (await scrape(exporter.url, "/metrics"))[0] == 200
+            answers = await asyncio.wait_for(asyncio.gather(*flood), 30)
+        probed = [a for a in answers if a[0] == 200]
+        refused = [a for a in answers if a[0] == 503]
+        assert len(probed) + len(refused) == 200
+        assert len(probed) >= 1 and len(refused) >= 200 - 2 * MAX_PROBE_INFLIGHT
+        assert all(retry == "1" for _, retry in refused)
+        assert len(exporter.logged("/probe: too many probes at once; answering 503 until "
+                                   "some end")) >= 1
+        status, _, body = await scrape(exporter.url, f"/probe?target={healthy_dns.address}")
+        assert status == 200 and value(body, "dnsprobe_success") == 1
+    finally:
+        exporter.stop()
+        silent.close()
+
+
+async def _first_busy(tasks: list[asyncio.Task[tuple[int, str]]]) -> tuple[int, str]:
+    """The first answer that is a 503 (they come at once; the probes take seconds)."""
+    for done in asyncio.as_completed(tasks):
+        answer = await done
+        if answer[0] == 503:
+            return answer
+    raise AssertionError("no request was refused")
 
 
 @pytest.mark.parametrize(

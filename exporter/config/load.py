@@ -108,6 +108,9 @@ def _serve_only(p: argparse.ArgumentParser) -> None:
     g.add_argument("--interval", metavar="SECONDS", help="probe round interval (default 5)")
     g.add_argument("--listen", metavar="HOST:PORT",
                    help=f"HTTP listen address (default :{DEFAULT_PORT})")
+    g.add_argument("--probe-endpoint", metavar="any|known|off",
+                   help="who /probe may probe: any address, only the addresses this "
+                        "exporter probes already, or nothing (404) (default any)")
     r = p.add_argument_group("remediation")
     r.add_argument("--remediation", metavar="off|dry-run|evict",
                    help="what the webhook may do (default dry-run)")
@@ -289,7 +292,8 @@ def load(argv: Sequence[str], env: Mapping[str, str] | None = None) -> Settings:
             image=parsed.get("probe-pod-image", ProbePodSettings.image),
         ),
         probe=probe,
-        http=HttpSettings(host=listen_host, port=listen_port),
+        http=HttpSettings(host=listen_host, port=listen_port,
+                          probe_endpoint=parsed.get("probe-endpoint", HttpSettings.probe_endpoint)),
         remediation=RemediationSettings(
             mode=parsed.get("remediation", RemediationSettings.mode),
             webhook_token_file=parsed.get("webhook-token-file"),

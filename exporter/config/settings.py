@@ -49,6 +49,15 @@ class NodeAddressType(enum.StrEnum):
     EXTERNAL_IP = "ExternalIP"
 
 
+class ProbeEndpoint(enum.StrEnum):
+    """Who `/probe` may probe: any address (blackbox_exporter's contract), only those this
+    exporter probes already, or nothing (404)."""
+
+    ANY = "any"
+    KNOWN = "known"
+    OFF = "off"
+
+
 class LogFormat(enum.StrEnum):
     TEXT = "text"
     JSON = "json"
@@ -118,6 +127,7 @@ class ProbeSettings:
 class HttpSettings:
     host: str = ""
     port: int = DEFAULT_PORT
+    probe_endpoint: ProbeEndpoint = ProbeEndpoint.ANY
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,14 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..model import Endpoint, Protocol, Query, parse_endpoint
-from .settings import DEFAULT_QUERY_LABEL, LogFormat, Mode, NodeAddressType, Remediation
+from .settings import (
+    DEFAULT_QUERY_LABEL,
+    LogFormat,
+    Mode,
+    NodeAddressType,
+    ProbeEndpoint,
+    Remediation,
+)
 
 # --- value parsers: each returns the value or raises ValueError with a short reason ---
 
@@ -243,6 +250,7 @@ KEYS: dict[str, Callable[[object], Any]] = {
     "interval": _positive_duration,
     "concurrency": _int_in(1, 10000),
     "listen": _listen,
+    "probe-endpoint": _choice(ProbeEndpoint),
     "remediation": _choice(Remediation),
     "webhook-token-file": _path,
     "min-ready": _int_in(0, 1000),

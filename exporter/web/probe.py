@@ -1,22 +1,35 @@
 """`/probe`: one probe now, blackbox-exporter style: a fresh registry with this probe's
 metrics, or with debug=true its log lines, metrics and effective settings as text.
+
+Bounded: `--probe-endpoint` says who may be probed (any address, only those the exporter
+probes already, or none: 404), and at most MAX_PROBE_INFLIGHT probes run at once; beyond,
+503 with Retry-After, as the webhook does, so a flood costs neither sockets nor memory
+without end.
 """
 
 from __future__ import annotations
+
+import ipaddress
+import logging
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
 
-from ..config import Settings, parse_query
+from ..config import ProbeEndpoint, Settings, parse_query
 from ..dns.engine import probe
 from ..metrics.exposition import DURATION_HELP
 from ..metrics.store import BUCKETS
-from ..model import Protocol, Query, parse_endpoint
-from .state import STATE
+from ..model import Endpoint, Protocol, Query, parse_endpoint
+from .state import STATE, AppState
+
+log = logging.getLogger(__name__)
 
 # Upper bound for /probe?timeout=: a scrape that waits longer is a misconfiguration.
 MAX_PROBE_TIMEOUT = 30.0
+# /probe requests probing at once; each holds a socket for up to its timeout. 64 is far
+# above what Prometheus sends (one per scrape target per interval).
+MAX_PROBE_INFLIGHT = 64
 
 
 class _BadRequest(Exception):
@@ -64,12 +77,60 @@ def _probe_params(
 
 
 async def probe_handler(request: web.Request) -> web.Response:
-    """One probe now, blackbox-exporter style: a fresh registry with this probe's metrics."""
-    settings = request.app[STATE].settings
+    """One probe now, blackbox-exporter style: a fresh registry with this probe's metrics.
+    404 when --probe-endpoint is off, 400 for bad parameters, 403 for an address this
+    exporter does not probe (known), 503 with Retry-After when too many are in flight."""
+    state = request.app[STATE]
+    settings = state.settings
+    allowed = settings.http.probe_endpoint
+    if allowed is ProbeEndpoint.OFF:
+        return web.Response(status=404, text="not found: /probe is off (--probe-endpoint off)\n")
     try:
         host, port, protocol, query, timeout = _probe_params(request, settings)
     except _BadRequest as exc:
         return web.Response(status=400, text=f"bad /probe request:\n{exc}\n")
+    if allowed is ProbeEndpoint.KNOWN:
+        refused = _unknown(state, host, port)
+        if refused is not None:
+            return refused
+    if state.probe_inflight >= MAX_PROBE_INFLIGHT:
+        if not state.probe_busy_told:
+            state.probe_busy_told = True
+            log.warning("/probe: too many probes at once; answering 503 until some end",
+                        extra={"fields": {"in_flight": state.probe_inflight}})
+        return web.Response(status=503, text="busy: too many /probe requests at once\n",
+                            headers={"Retry-After": "1"})
+    state.probe_inflight += 1
+    try:
+        return await _probe(request, host, port, protocol, query, timeout)
+    finally:
+        state.probe_inflight -= 1
+        if state.probe_inflight == 0:
+            state.probe_busy_told = False
+
+
+def _unknown(state: AppState, host: str, port: int) -> web.Response | None:
+    """With --probe-endpoint known: None when host:port is one of the exporter's targets,
+    else the answer that refuses it."""
+    parts = state.parts.get()
+    if parts is None:  # the mode is being decided: no target is known yet
+        return web.Response(status=503, text="not ready: the targets are not known yet\n",
+                            headers={"Retry-After": "5"})
+    wanted = Endpoint(host, port)
+    if any(_same(t.endpoint, wanted) for t in parts.scheduler.targets):
+        return None
+    return web.Response(status=403, text=(
+        f"forbidden: {wanted.address} is not among the addresses this exporter probes "
+        "(--probe-endpoint known)\n"))
+
+
+def _same(a: Endpoint, b: Endpoint) -> bool:
+    """The same address and port, whatever the spelling of an IPv6 address."""
+    return a.port == b.port and ipaddress.ip_address(a.host) == ipaddress.ip_address(b.host)
+
+
+async def _probe(request: web.Request, host: str, port: int, protocol: Protocol,
+                 query: Query, timeout: float) -> web.Response:
     trace: list[str] = []
     result = await probe(host, port, protocol, query, timeout, trace=trace)
     registry = CollectorRegistry()

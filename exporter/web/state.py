@@ -80,6 +80,9 @@ class AppState:
     # The webhook's requests in flight, and whether the log has said it is too many.
     webhook_inflight: int = 0
     webhook_busy_told: bool = False
+    # The same for /probe.
+    probe_inflight: int = 0
+    probe_busy_told: bool = False
 
     @property
     def ready(self) -> bool:
