@@ -156,7 +156,7 @@ async def test_a_probe_flood_is_bounded_and_leaves_the_exporter_serving(
     reads, on loopback), each waiting up to 3 s: at most MAX_PROBE_INFLIGHT probe, the rest
     get 503 with Retry-After at once; /metrics and /-/healthy answer meanwhile, and /probe
     works again after."""
-    from exporter.web.probe import MAX_PROBE_INFLIGHT
+    from exporter.web.state import MAX_PROBE_INFLIGHT
 
     silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     silent.bind(("127.0.0.1", 0))
@@ -183,8 +183,8 @@ async def test_a_probe_flood_is_bounded_and_leaves_the_exporter_serving(
         assert len(probed) + len(refused) == 200
         assert len(probed) >= 1 and len(refused) >= 200 - 2 * MAX_PROBE_INFLIGHT
         assert all(retry == "1" for _, retry in refused)
-        assert len(exporter.logged("/probe: too many probes at once; answering 503 until "
-                                   "some end")) >= 1
+        assert len(exporter.logged("/probe: too many requests at once; answering 503 "
+                                   "until some end")) >= 1
         status, _, body = await scrape(exporter.url, f"/probe?target={healthy_dns.address}")
         assert status == 200 and value(body, "dnsprobe_success") == 1
     finally:

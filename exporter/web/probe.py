@@ -2,7 +2,7 @@
 metrics, or with debug=true its log lines, metrics and effective settings as text.
 
 Bounded: `--probe-endpoint` says who may be probed (any address, only those the exporter
-probes already, or none: 404), and at most MAX_PROBE_INFLIGHT probes run at once; beyond,
+probes already, or none: 404), and at most web.state.MAX_PROBE_INFLIGHT run at once; beyond,
 503 with Retry-After, as the webhook does, so a flood costs neither sockets nor memory
 without end.
 """
@@ -10,7 +10,6 @@ without end.
 from __future__ import annotations
 
 import ipaddress
-import logging
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Gauge, Histogram
@@ -23,13 +22,8 @@ from ..metrics.store import BUCKETS
 from ..model import Endpoint, Protocol, Query, parse_endpoint
 from .state import STATE, AppState
 
-log = logging.getLogger(__name__)
-
 # Upper bound for /probe?timeout=: a scrape that waits longer is a misconfiguration.
 MAX_PROBE_TIMEOUT = 30.0
-# /probe requests probing at once; each holds a socket for up to its timeout. 64 is far
-# above what Prometheus sends (one per scrape target per interval).
-MAX_PROBE_INFLIGHT = 64
 
 
 class _BadRequest(Exception):
@@ -93,20 +87,11 @@ async def probe_handler(request: web.Request) -> web.Response:
         refused = _unknown(state, host, port)
         if refused is not None:
             return refused
-    if state.probe_inflight >= MAX_PROBE_INFLIGHT:
-        if not state.probe_busy_told:
-            state.probe_busy_told = True
-            log.warning("/probe: too many probes at once; answering 503 until some end",
-                        extra={"fields": {"in_flight": state.probe_inflight}})
-        return web.Response(status=503, text="busy: too many /probe requests at once\n",
-                            headers={"Retry-After": "1"})
-    state.probe_inflight += 1
-    try:
+    busy = state.probe.refuse()
+    if busy is not None:
+        return busy
+    with state.probe.held():
         return await _probe(request, host, port, protocol, query, timeout)
-    finally:
-        state.probe_inflight -= 1
-        if state.probe_inflight == 0:
-            state.probe_busy_told = False
 
 
 def _unknown(state: AppState, host: str, port: int) -> web.Response | None:

@@ -6,7 +6,10 @@ reached, which the composition root builds once the mode is decided (`Late`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -21,7 +24,14 @@ from ..remediation.remediator import NoRemediation, Remediator
 from ..remediation.selfheal import SelfRemediation
 from .auth import TokenFile
 
+log = logging.getLogger(__name__)
+
 T = TypeVar("T")
+
+# Requests handled at once: the webhook's (Alertmanager sends a few), /probe's (far above
+# what Prometheus sends: one per scrape target per interval).
+MAX_WEBHOOK_INFLIGHT = 8
+MAX_PROBE_INFLIGHT = 64
 
 
 class Late(Generic[T]):
@@ -69,6 +79,44 @@ class Parts:
 
 
 @dataclass
+class InFlight:
+    """One endpoint's requests handled at once, bounded: beyond `limit`, 503 with
+    Retry-After (a flood neither fills memory nor queues without end), said once in the
+    log per flood."""
+
+    name: str
+    limit: int
+    retry_after: int  # seconds
+    what: str
+    close: bool = False  # close the connection of a refused request
+    count: int = 0
+    told: bool = False
+
+    def refuse(self) -> web.Response | None:
+        """The 503 when `limit` are in flight already, else None."""
+        if self.count < self.limit:
+            return None
+        if not self.told:
+            self.told = True
+            log.warning(f"{self.name}: too many requests at once; answering 503 until some end",
+                        extra={"fields": {"in_flight": self.count}})
+        headers = {"Retry-After": str(self.retry_after)} | (
+            {"Connection": "close"} if self.close else {})
+        return web.Response(status=503, text=f"busy: too many {self.what} at once\n",
+                            headers=headers)
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        self.count += 1
+        try:
+            yield
+        finally:
+            self.count -= 1
+            if self.count == 0:
+                self.told = False
+
+
+@dataclass
 class AppState:
     settings: Settings
     source: str  # what is probed and why, a sentence (the plan's)
@@ -77,12 +125,13 @@ class AppState:
     token: TokenFile
     parts: Late[Parts]
     started_at: float = field(default_factory=time.time)
-    # The webhook's requests in flight, and whether the log has said it is too many.
-    webhook_inflight: int = 0
-    webhook_busy_told: bool = False
-    # The same for /probe.
-    probe_inflight: int = 0
-    probe_busy_told: bool = False
+    # Requests in flight: the webhook's (bodies read, or waiting for the remediator), and
+    # /probe's (each holds a socket up to its timeout).
+    webhook: InFlight = field(default_factory=lambda: InFlight(
+        "webhook", MAX_WEBHOOK_INFLIGHT, retry_after=10, what="webhook requests",
+        close=True))
+    probe: InFlight = field(default_factory=lambda: InFlight(
+        "/probe", MAX_PROBE_INFLIGHT, retry_after=1, what="/probe requests"))
 
     @property
     def ready(self) -> bool:

@@ -20,9 +20,6 @@ log = logging.getLogger(__name__)
 
 # Seconds a webhook client has to send its whole body (Alertmanager sends it at once).
 BODY_TIMEOUT = 10.0
-# Webhook requests handled at once (bodies read, or waiting for the remediator); beyond,
-# 503 with Retry-After: a flood neither fills memory with bodies nor queues without end.
-MAX_WEBHOOK_INFLIGHT = 8
 # Seconds a request waits for the exporter to decide its mode (and so to have a
 # remediator) before it is answered 503, for Alertmanager to retry.
 MODE_WAIT = 10.0
@@ -40,20 +37,11 @@ async def webhook_handler(request: web.Request) -> web.Response:
                             headers={"WWW-Authenticate": 'Bearer realm="webhook"'})
     if request.content_length is not None and request.content_length > MAX_BODY:
         return _too_large()
-    if state.webhook_inflight >= MAX_WEBHOOK_INFLIGHT:
-        if not state.webhook_busy_told:
-            state.webhook_busy_told = True
-            log.warning("webhook: too many requests at once; answering 503 until some end",
-                        extra={"fields": {"in_flight": state.webhook_inflight}})
-        return web.Response(status=503, text="busy: too many webhook requests at once\n",
-                            headers={"Retry-After": "10", "Connection": "close"})
-    state.webhook_inflight += 1
-    try:
+    busy = state.webhook.refuse()
+    if busy is not None:
+        return busy
+    with state.webhook.held():
         return await _webhook(request, state)
-    finally:
-        state.webhook_inflight -= 1
-        if state.webhook_inflight == 0:
-            state.webhook_busy_told = False
 
 
 def _too_large() -> web.Response:
