@@ -21,6 +21,8 @@ from . import __version__, logs, root
 from .config import ConfigError, Settings, load
 from .model import TARGET_LABELS, Check, ProbeResult
 from .root import Plan
+from .web.access import WebAccess
+from .web.webconfig import WebConfigError
 
 log = logging.getLogger("exporter")
 
@@ -42,6 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.setup(settings.log_format)
     try:
         plan = root.plan_targets(settings)
+        access = _web_access(settings)
     except ConfigError as exc:
         return _config_error(exc)
     # `check` is a command-line tool: its effective config is there for --log-level debug
@@ -58,9 +61,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if settings.command == "check":
             return asyncio.run(check(settings, plan))
-        return asyncio.run(serve(settings, plan))
+        return asyncio.run(serve(settings, plan, access))
     except KeyboardInterrupt:
         return 130
+
+
+def _web_access(settings: Settings) -> WebAccess | None:
+    """--web-config-file, read and checked now: a bad one is a configuration error."""
+    path = settings.http.web_config_file
+    if settings.command != "serve" or not path:
+        return None
+    try:
+        return WebAccess(path)
+    except WebConfigError as exc:
+        raise ConfigError([f"--web-config-file: {exc}"]) from exc
 
 
 # --- check ---
@@ -123,14 +137,15 @@ async def check(settings: Settings, plan: Plan) -> int:
 # --- serve ---
 
 
-async def serve(settings: Settings, plan: Plan) -> int:
-    app = root.create_app(settings, plan)
+async def serve(settings: Settings, plan: Plan, access: WebAccess | None = None) -> int:
+    app = root.create_app(settings, plan, access)
     # lingering_time: how long an unread request body (a client cut off with 408 or 413) is
     # drained after the answer; aiohttp's 10 s default would hold shutdown that long.
     runner = web.AppRunner(app, handle_signals=False, access_log=None, lingering_time=1.0)
     await runner.setup()
     host = settings.http.host or None
-    site = web.TCPSite(runner, host, settings.http.port)
+    site = web.TCPSite(runner, host, settings.http.port,
+                       ssl_context=access.ssl_context if access else None)
     try:
         await site.start()
     except OSError as exc:
@@ -144,7 +159,9 @@ async def serve(settings: Settings, plan: Plan) -> int:
     addresses = [
         f"[{a[0]}]:{a[1]}" if ":" in str(a[0]) else f"{a[0]}:{a[1]}" for a in runner.addresses
     ]
-    log.info("listening", extra={"fields": {"addresses": addresses}})
+    log.info("listening", extra={"fields": {
+        "addresses": addresses, "tls": bool(access and access.ssl_context),
+        "basic_auth": bool(access and access.config.users)}})
     # Everything made so far (modules, the kubernetes client's hundreds of classes, the
     # app) lives as long as the process: take it out of the cyclic collector's view, so
     # its full passes scan only what came later instead of stalling the event loop (and

@@ -40,6 +40,7 @@ from .remediation.confirm import Confirmer, Direct, Impossible, ThroughProbePod
 from .remediation.remediator import NoRemediation, Remediator
 from .remediation.selfheal import SelfRemediation
 from .web import app as web_app
+from .web.access import WebAccess
 from .web.auth import TokenFile
 from .web.state import AppState, Late, Parts
 
@@ -110,8 +111,10 @@ def plan_targets(settings: Settings) -> Plan:
 # -- serve --------------------------------------------------------------------------------
 
 
-def create_app(settings: Settings, plan: Plan) -> web.Application:
-    """The application: served at once; the parts that depend on the mode follow."""
+def create_app(settings: Settings, plan: Plan, access: WebAccess | None = None
+               ) -> web.Application:
+    """The application: served at once; the parts that depend on the mode follow.
+    `access`: --web-config-file's checks on every request (basic auth, headers)."""
     registry = CollectorRegistry()
     metrics = register(registry)
     ProcessCollector(registry=registry)
@@ -130,7 +133,7 @@ def create_app(settings: Settings, plan: Plan) -> web.Application:
         work = functools.partial(_run_static, scheduler)
     else:
         work = functools.partial(_run_kubernetes, settings, plan.client, store, metrics, parts)
-    return web_app.build(state, _background(work, metrics))
+    return web_app.build(state, _background(work, metrics), access)
 
 
 def _background(work: Callable[[], Coroutine[Any, Any, None]], metrics: ProcessMetrics

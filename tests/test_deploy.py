@@ -24,7 +24,7 @@ from tests.harness.components import missing
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
-BUILDS = (".", "base", "overlays/daemonset", "prometheus-operator")
+BUILDS = (".", "base", "overlays/daemonset", "overlays/tls", "prometheus-operator")
 CORE_KINDS = {
     "Namespace": "V1Namespace", "ServiceAccount": "V1ServiceAccount", "Role": "V1Role",
     "RoleBinding": "V1RoleBinding", "Deployment": "V1Deployment", "DaemonSet": "V1DaemonSet",
@@ -115,6 +115,27 @@ def test_deployment_serves_the_webhook_and_the_daemonset_never_acts() -> None:
     node_args = daemonset["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--remediation=off" in node_args
     assert not any(a.startswith("--webhook-token-file") for a in node_args)
+
+
+def test_the_tls_overlay_reads_its_web_config_from_a_secret_and_probes_over_https(
+        tmp_path: Path) -> None:
+    from exporter.web.webconfig import load
+
+    [deployment] = by_kind(kustomize("overlays/tls"), "Deployment")
+    spec = deployment["spec"]["template"]["spec"]
+    container = spec["containers"][0]
+    assert "--web-config-file=/etc/coredns-health-exporter/web/web.yml" in container["args"]
+    [mount] = [m for m in container["volumeMounts"] if m["name"] == "web-config"]
+    assert mount["mountPath"] == "/etc/coredns-health-exporter/web" and mount["readOnly"]
+    [volume] = [v for v in spec["volumes"] if v["name"] == "web-config"]
+    assert volume["secret"]["secretName"] == "coredns-health-exporter-web"
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"]["scheme"] == "HTTPS"
+    # The example is a web config the exporter reads, which the kubelet's probes pass.
+    example = DEPLOY / "overlays" / "tls" / "web.yml.example"
+    config = load(example)
+    assert config.tls is not None and config.tls.client_auth.value == "VerifyClientCertIfGiven"
+    assert set(config.users) == {"prometheus"}
 
 
 def test_rbac_is_namespaced_and_least_privilege() -> None:

@@ -520,6 +520,7 @@ BAD_SETTINGS = {
     "mode": "tunnel", "node-address-type": "Hostname", "probe-pod-namespace": "Bad_NS",
     "probe-pod-image": "bad image", "query": "bad..name", "node-name": "Bad_Node",
     "node-local-dns": "nodelocal.example", "probe-endpoint": "everyone",
+    "web-config-file": "/nonexistent/web.yml",
 }
 # A missing token file is not a configuration error: a Secret volume may fill it later;
 # the webhook answers 503 and says why until it can be read (tests/test_remediation.py).

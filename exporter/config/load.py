@@ -108,6 +108,10 @@ def _serve_only(p: argparse.ArgumentParser) -> None:
     g.add_argument("--interval", metavar="SECONDS", help="probe round interval (default 5)")
     g.add_argument("--listen", metavar="HOST:PORT",
                    help=f"HTTP listen address (default :{DEFAULT_PORT})")
+    g.add_argument("--web-config-file", "--web.config.file", dest="web_config_file",
+                   metavar="PATH",
+                   help="exporter-toolkit web configuration: TLS, client certificates, "
+                        "basic auth, response headers (default: plain HTTP, no auth)")
     g.add_argument("--probe-endpoint", metavar="any|known|off",
                    help="who /probe may probe: any address, only the addresses this "
                         "exporter probes already, or nothing (404) (default any)")
@@ -293,7 +297,8 @@ def load(argv: Sequence[str], env: Mapping[str, str] | None = None) -> Settings:
         ),
         probe=probe,
         http=HttpSettings(host=listen_host, port=listen_port,
-                          probe_endpoint=parsed.get("probe-endpoint", HttpSettings.probe_endpoint)),
+                          probe_endpoint=parsed.get("probe-endpoint", HttpSettings.probe_endpoint),
+                          web_config_file=parsed.get("web-config-file")),
         remediation=RemediationSettings(
             mode=parsed.get("remediation", RemediationSettings.mode),
             webhook_token_file=parsed.get("webhook-token-file"),

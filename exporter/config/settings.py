@@ -128,6 +128,8 @@ class HttpSettings:
     host: str = ""
     port: int = DEFAULT_PORT
     probe_endpoint: ProbeEndpoint = ProbeEndpoint.ANY
+    # --web-config-file: TLS, client certificates, basic auth (exporter-toolkit format).
+    web_config_file: str | None = None
 
 
 @dataclass(frozen=True)

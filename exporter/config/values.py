@@ -251,6 +251,7 @@ KEYS: dict[str, Callable[[object], Any]] = {
     "concurrency": _int_in(1, 10000),
     "listen": _listen,
     "probe-endpoint": _choice(ProbeEndpoint),
+    "web-config-file": _path,
     "remediation": _choice(Remediation),
     "webhook-token-file": _path,
     "min-ready": _int_in(0, 1000),

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Callable
 from aiohttp import web
 
 from ..remediation.alerts import MAX_BODY
+from .access import WebAccess
 from .probe import probe_handler
 from .state import STATE, AppState
 from .status import status_page
@@ -16,9 +17,15 @@ from .webhook import webhook_handler
 
 
 def build(state: AppState,
-          background: Callable[[web.Application], AsyncIterator[None]]) -> web.Application:
-    """The application over `state`; `background` runs for as long as it serves."""
-    app = web.Application(client_max_size=MAX_BODY)
+          background: Callable[[web.Application], AsyncIterator[None]],
+          access: WebAccess | None = None) -> web.Application:
+    """The application over `state`; `background` runs for as long as it serves;
+    `access` (--web-config-file) sees every request first and adds its headers to every
+    response."""
+    app = web.Application(client_max_size=MAX_BODY,
+                          middlewares=[access.middleware] if access else [])
+    if access is not None:
+        app.on_response_prepare.append(access.on_prepare)
     app[STATE] = state
     app.cleanup_ctx.append(background)
     app.router.add_get("/", status_page)

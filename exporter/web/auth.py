@@ -4,6 +4,7 @@ rotated Secret), compared in constant time.
 
 from __future__ import annotations
 
+import base64
 import hmac
 import logging
 import os
@@ -56,3 +57,16 @@ def authorized(header: str, token: str) -> bool:
         return False
     return hmac.compare_digest(presented.strip().encode(), token.encode())
 
+
+
+def authorized_basic(header: str) -> tuple[str, str] | None:
+    """(user, password) of an `Authorization: Basic` header, else None."""
+    scheme, _, encoded = header.partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        user, sep, password = base64.b64decode(encoded.strip(), validate=True).decode(
+            "utf-8").partition(":")
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return (user, password) if sep else None

@@ -50,9 +50,13 @@ def binaries_missing() -> str | None:
     return monitoring_missing("prometheus", "alertmanager")
 
 
-def alertmanager_config(webhook: str, token_file: Path) -> dict[str, Any]:
+def alertmanager_config(webhook: str, token_file: Path,
+                        tls_config: dict[str, Any] | None = None) -> dict[str, Any]:
     """The route and receiver docs/alertmanager.md tells users to configure, with the
-    waits shortened."""
+    waits shortened; `tls_config` (Alertmanager's) for a webhook served over TLS."""
+    http_config: dict[str, Any] = {"authorization": {"credentials_file": str(token_file)}}
+    if tls_config is not None:
+        http_config["tls_config"] = tls_config
     return {
         "route": {
             "receiver": "default",
@@ -64,8 +68,7 @@ def alertmanager_config(webhook: str, token_file: Path) -> dict[str, Any]:
         "receivers": [
             {"name": "default"},
             {"name": "coredns-health-exporter", "webhook_configs": [{
-                "url": webhook, "send_resolved": True,
-                "http_config": {"authorization": {"credentials_file": str(token_file)}},
+                "url": webhook, "send_resolved": True, "http_config": http_config,
             }]},
         ],
     }
@@ -75,10 +78,12 @@ class Monitoring:
     def __init__(self, where: Lab | NetNS, workdir: Path, exporter: str, token_file: Path,
                  rules: dict[str, Any],
                  scrape_configs: list[dict[str, Any]] | None = None,
-                 webhook: str | None = None) -> None:
+                 webhook: str | None = None,
+                 webhook_tls: dict[str, Any] | None = None) -> None:
         """In the lab's node namespace, or in namespace `where`. `scrape_configs` replaces
         the default: a static target at `exporter`; `webhook` (default: `exporter`'s) is
-        the HOST:PORT Alertmanager posts to."""
+        the HOST:PORT Alertmanager posts to, over TLS with `webhook_tls` (its
+        tls_config)."""
         netns = where.node if isinstance(where, Lab) else where
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "rules.yaml").write_text(yaml.safe_dump(rules))
@@ -92,8 +97,10 @@ class Monitoring:
                 "static_configs": [{"targets": [exporter]}],
             }],
         }))
+        scheme = "https" if webhook_tls is not None else "http"
         (workdir / "alertmanager.yml").write_text(yaml.safe_dump(alertmanager_config(
-            f"http://{webhook or exporter}/webhook/alertmanager", token_file)))
+            f"{scheme}://{webhook or exporter}/webhook/alertmanager", token_file,
+            webhook_tls)))
         self.processes = [
             Process("prometheus", netns.command([
                 str(MONITORING_BIN / "prometheus"),
