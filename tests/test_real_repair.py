@@ -1,7 +1,7 @@
-"""Self-remediation on the real cluster, installed as a user turns it on: two replicas of
-the Deployment with `--self-remediate` and `--remediation=evict`, the webhook on as well,
-and an external query. The upstream resolver failing restarts nothing; a CoreDNS pod
-whose UDP/53 dies is evicted within 30 s at the default interval, once."""
+"""Overlays a user turns on, on the real cluster: self-remediation (two replicas of the
+Deployment with `--self-remediate` and `--remediation=evict`, the webhook on as well, and
+an external query: the upstream resolver failing restarts nothing; a CoreDNS pod whose
+UDP/53 dies is evicted within 30 s at the default interval, once), and TLS."""
 
 from __future__ import annotations
 
@@ -15,14 +15,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+import bcrypt
 import pytest
+import yaml
 
 from tests.harness.cluster import UPSTREAM_IP
 from tests.harness.kubedns import UPSTREAM_ANSWER, UPSTREAM_NAME
 from tests.harness.realcluster import RealCluster
 from tests.harness.scrape import samples, scrape_until, wait_until
+from tests.harness.tls import PKI
 from tests.test_real_cluster import (
     NAMESPACE,
+    REPO,
     applied,
     budget_allows_one,
     evictions,
@@ -183,3 +188,41 @@ async def test_upstream_failure_restarts_nothing_and_a_udp_dead_pod_is_evicted_o
     assert not [k for k in counted if k[0] == "evict" and k != ("evict", "success", "self")]
     evicted = [line for line in r.logs() if line.get("msg") == "evicted pod"]
     assert [(line["pod"], line["trigger"]) for line in evicted] == [(sick, "self")], evicted
+
+
+async def test_the_tls_overlay_serves_https_with_client_certificates_and_basic_auth(
+        real_cluster: RealCluster, tmp_path: Path) -> None:
+    """`kubectl apply -k deploy/overlays/tls` with the Secret its comment says to make (the
+    shipped web.yml.example, a real bcrypt hash of ours): the pods become Ready through
+    HTTPS probes, and answer /metrics over TLS to a client certificate with basic auth,
+    401 without it."""
+    real = real_cluster
+    pki = PKI(tmp_path / "pki")
+    password = os.urandom(8).hex()
+    example = yaml.safe_load((REPO / "deploy" / "overlays" / "tls" / "web.yml.example")
+                             .read_text())
+    example["basic_auth_users"] = {"prometheus": bcrypt.hashpw(
+        password.encode(), bcrypt.gensalt(rounds=6)).decode()}
+    web = tmp_path / "web.yml"
+    web.write_text(yaml.safe_dump(example))
+    real.kubectl("create", "namespace", NAMESPACE)
+    real.kubectl("-n", NAMESPACE, "create", "secret", "generic", "coredns-health-exporter-web",
+                 f"--from-file=web.yml={web}", f"--from-file=tls.crt={pki.path('server.crt')}",
+                 f"--from-file=tls.key={pki.path('server.key')}",
+                 f"--from-file=ca.crt={pki.path('ca.crt')}")
+    with applied(real, REPO / "deploy" / "overlays" / "tls") as pods:
+        assert len(pods) == 2
+        logs = real.kubectl("-n", NAMESPACE, "logs", pods[0]["metadata"]["name"])
+        [listening] = [json.loads(line) for line in logs.splitlines()
+                       if line.startswith("{") and '"listening"' in line]
+        assert listening["tls"] is True and listening["basic_auth"] is True
+        with real.cluster.exposed(f"{pods[0]['status']['podIP']}:9953") as address:
+            auth = {"Authorization": aiohttp.encode_basic_auth("prometheus", password)}
+            async with aiohttp.ClientSession() as session:
+                async with session.get(f"https://{address}/metrics", headers=auth,
+                                       ssl=pki.client("prometheus")) as response:
+                    assert response.status == 200
+                    assert "dnsprobe_build_info" in await response.text()
+                async with session.get(f"https://{address}/metrics",
+                                       ssl=pki.client("prometheus")) as response:
+                    assert response.status == 401
