@@ -75,12 +75,28 @@ def applied(real: RealCluster, kustomization: Path) -> Iterator[list[dict[str, A
     everything after."""
     try:
         real.kubectl("apply", "-k", str(kustomization))
-        real.kubectl("-n", NAMESPACE, "rollout", "status",
-                     "deployment/coredns-health-exporter", "--timeout=180s", timeout=190)
+        try:
+            real.kubectl("-n", NAMESPACE, "rollout", "status",
+                         "deployment/coredns-health-exporter", "--timeout=180s", timeout=190)
+        except RuntimeError as exc:
+            raise AssertionError(f"{exc}\n{why_not_ready(real)}") from exc
         yield real.pods(NAMESPACE, SELECTOR)
     finally:
         real.kubectl("delete", "-k", str(kustomization), "--ignore-not-found", "--wait=true",
                      "--timeout=120s", timeout=130)
+
+
+def why_not_ready(real: RealCluster) -> str:
+    """The exporter's pods, their status and the end of their logs, for a failed rollout."""
+    lines = [real.kubectl("-n", NAMESPACE, "get", "pods", "-o", "wide")]
+    for pod in real.pods(NAMESPACE, SELECTOR):
+        name = pod["metadata"]["name"]
+        lines.append(f"{name}: {json.dumps(pod['status'].get('containerStatuses'))}")
+        for previous in ([], ["--previous"]):
+            with contextlib.suppress(RuntimeError):
+                lines.append(real.kubectl("-n", NAMESPACE, "logs", name, "--tail=10",
+                                          *previous))
+    return "\n".join(lines)
 
 
 @pytest.fixture

@@ -292,3 +292,16 @@ async def _metrics(exporter: Exporter, pki: PKI) -> str:
                                 basic("prometheus", PASSWORD))
     assert status == 200
     return body
+
+
+def test_certificate_files_need_no_writable_temporary_directory(
+        pki: PKI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under a read-only root filesystem (the shipped pods) there is no temporary
+    directory: certificate files are loaded where they are."""
+    import tempfile
+
+    from exporter.web.access import WebAccess
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "read-only-nowhere"))
+    access = WebAccess(str(web_config(pki, tmp_path / "web.yml")))
+    assert access.ssl_context is not None

@@ -213,8 +213,12 @@ def build_context(tls: TLSServer,
 
 @contextlib.contextmanager
 def _pem_files(tls: TLSServer) -> Iterator[tuple[str, str]]:
-    """Paths of the certificate and key: the files, or the inline PEM written to private
-    temporary files for as long as ssl needs to read them (it reads paths only)."""
+    """Paths of the certificate and key: the files; an inline PEM is written to a private
+    temporary file for as long as ssl reads it (it reads paths only; it needs a writable
+    $TMPDIR, an emptyDir under a read-only root filesystem)."""
+    if tls.cert_file is not None and tls.key_file is not None:
+        yield str(tls.cert_file), str(tls.key_file)
+        return
     with tempfile.TemporaryDirectory(prefix="web-config-") as tmp:
         def path(file: Path | None, inline: str, name: str) -> str:
             if file is not None:
