@@ -28,7 +28,7 @@ from pathlib import Path
 import bcrypt
 from aiohttp import web
 
-from .auth import authorized_basic
+from .auth import FileStamp, authorized_basic, file_stamp
 from .webconfig import ClientAuth, TLSServer, WebConfig, WebConfigError, load
 
 log = logging.getLogger(__name__)
@@ -43,18 +43,11 @@ NO_BASIC_AUTH = frozenset({WEBHOOK, "/-/healthy", "/-/ready"})
 _DUMMY = b"$2y$10$QOauhQNbBCuQDKes6eFzPeMqBSjb7Mr5DUmpZ/VcEd00UAV/LDeSi"
 _CACHE = 100
 
-Stamp = tuple[tuple[int, int, int] | None, ...]
+Stamp = tuple[FileStamp | None, ...]
 
 
 def _stamp(paths: tuple[Path, ...]) -> Stamp:
-    out: list[tuple[int, int, int] | None] = []
-    for path in paths:
-        try:
-            st = path.stat()
-            out.append((st.st_mtime_ns, st.st_size, st.st_ino))
-        except OSError:
-            out.append(None)
-    return tuple(out)
+    return tuple(file_stamp(path) for path in paths)
 
 
 class WebAccess:

@@ -12,13 +12,25 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+FileStamp = tuple[int, int, int]
+
+
+def file_stamp(path: Path) -> FileStamp | None:
+    """What changes when a file is rewritten or replaced (a rotated Secret swaps the
+    symlinks of its volume; stat follows them): inode, mtime and size. None when absent."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
 
 class TokenFile:
     """The bearer token, re-read whenever its file changes (a rotated Secret)."""
 
     def __init__(self, path: str | None) -> None:
         self.path = Path(path) if path else None
-        self._stamp: tuple[int, int, int] | None = None
+        self._stamp: FileStamp | None = None
         self._token: str | None = None
         self._problem: str | None = None
         self._told: str | None = None
@@ -28,16 +40,16 @@ class TokenFile:
         if self.path is None:
             self._problem = "no --webhook-token-file configured: the webhook is disabled"
             return None
-        try:
-            st = os.stat(self.path)  # follows the symlinks of a Secret volume
-            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
-            if stamp != self._stamp:
+        stamp = file_stamp(self.path)
+        if stamp is None or stamp != self._stamp:
+            try:
                 token = self.path.read_text(encoding="utf-8").strip()
-                self._stamp, self._token = stamp, token or None
-                self._problem = None if token else f"{self.path} is empty"
-        except OSError as exc:
-            self._stamp, self._token = None, None
-            self._problem = f"cannot read {self.path}: {exc.strerror}"
+            except OSError as exc:
+                self._stamp, self._token = None, None
+                self._problem = f"cannot read {self.path}: {exc.strerror}"
+                return None
+            self._stamp, self._token = stamp, token or None
+            self._problem = None if token else f"{self.path} is empty"
         return self._token
 
     @property
