@@ -1,8 +1,9 @@
 """The one source of the Prometheus rules: recording rules and alerts, generated from a
 config of selectors, windows and thresholds.
 
-    python -m alerts.generate            # rewrites alerts/coredns-health-exporter.rules.yaml
-                                         # and deploy/prometheus-operator/prometheusrule.yaml
+    python -m alerts.generate            # rewrites alerts/coredns-health-exporter.rules.yaml,
+                                         # deploy/prometheus-operator/prometheusrule.yaml
+                                         # and the Helm chart's files/rules.yaml
     python -m alerts.generate --check    # exit 1 if the file is not what this generates
 
 Change a threshold or a selector in `Config` (or pass your own Config to `rules()`), not in
@@ -24,6 +25,9 @@ OUTPUT = Path(__file__).with_name("coredns-health-exporter.rules.yaml")
 # The same rules as a Prometheus Operator object (one source of truth).
 PROMETHEUS_RULE = (Path(__file__).resolve().parents[1] / "deploy" / "prometheus-operator"
                    / "prometheusrule.yaml")
+# And as the Helm chart's PrometheusRule reads them (a chart cannot read files outside it).
+CHART_RULES = (Path(__file__).resolve().parents[1] / "deploy" / "helm" / "coredns-health-exporter"
+               / "files" / "rules.yaml")
 RUNBOOK = "https://github.com/coredns-health-exporter/coredns-health-exporter/blob/main/docs/runbook.md"
 
 
@@ -312,7 +316,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--check", action="store_true",
                         help="exit 1 if a generated file is not up to date")
     args = parser.parse_args(argv)
-    outputs = {OUTPUT: render(), PROMETHEUS_RULE: render_prometheus_rule()}
+    outputs = {OUTPUT: render(), PROMETHEUS_RULE: render_prometheus_rule(),
+               CHART_RULES: render()}
     stale = [p for p, text in outputs.items() if not p.is_file() or p.read_text() != text]
     if args.check:
         for path in stale:

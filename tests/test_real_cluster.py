@@ -130,7 +130,13 @@ async def test_kubectl_apply_k_deploy_runs_the_image_and_probes_every_pod(
     assert chosen and chosen[0]["mode"] == "in-cluster", logs[-3000:]
     assert not [line for line in lines if line.get("level") in ("ERROR", "CRITICAL")], logs
 
-    coredns = {p["status"]["podIP"]: p for p in real_cluster.coredns_pods()}
+    await probes_every_coredns_pod(real_cluster, pods[0])
+
+
+async def probes_every_coredns_pod(real: RealCluster, exporter: dict[str, Any]) -> None:
+    """The exporter pod `exporter` exports a passing result for every CoreDNS pod and the
+    Service, over both protocols, labelled with the pod, its node and namespace."""
+    coredns = {p["status"]["podIP"]: p for p in real.coredns_pods()}
 
     def probed_all(body: str) -> bool:
         """A result for each pod and the Service over both protocols (a round's results
@@ -138,7 +144,7 @@ async def test_kubectl_apply_k_deploy_runs_the_image_and_probes_every_pod(
         kinds = [s.labels["kind"] for s in samples(body) if s.name == "dnsprobe_success"]
         return (kinds.count("pod"), kinds.count("service")) == (2 * len(coredns), 2)
 
-    with real_cluster.cluster.exposed(f"{pods[0]['status']['podIP']}:9953") as address:
+    with real.cluster.exposed(f"{exporter['status']['podIP']}:9953") as address:
         body = await scrape_until(f"http://{address}", probed_all, deadline=60)
     success = [s for s in samples(body) if s.name == "dnsprobe_success"]
     pod_series = {(s.labels["address"], s.labels["protocol"]): s for s in success
@@ -153,6 +159,52 @@ async def test_kubectl_apply_k_deploy_runs_the_image_and_probes_every_pod(
     service = {s.labels["protocol"]: s.value for s in success
                if s.labels["kind"] == "service" and s.labels["address"] == f"{CLUSTER_DNS}:53"}
     assert service == {"udp": 1, "tcp": 1}
+
+
+async def test_helm_install_runs_the_image_and_probes_every_pod(
+        real_cluster: RealCluster) -> None:
+    """The README's Helm steps: the namespace made and labelled `restricted`, then
+    `helm install` of deploy/helm/coredns-health-exporter with the webhook token as a value
+    (its defaults otherwise: the objects of deploy/base); the pods are admitted, Ready,
+    probe every CoreDNS pod, and the webhook takes the token from the chart's Secret.
+    `helm uninstall` removes everything it made."""
+    from tests.test_helm import CHART, helm
+
+    real = real_cluster
+    token = os.urandom(16).hex()
+    kubeconfig = ["--kubeconfig", str(real.cluster.admin_kubeconfig), "--namespace", NAMESPACE]
+    real.kubectl("create", "namespace", NAMESPACE)
+    try:
+        real.kubectl("label", "namespace", NAMESPACE,
+                     "pod-security.kubernetes.io/enforce=restricted")
+        done = helm("install", "coredns-health-exporter", str(CHART), *kubeconfig,
+                    "--set", f"webhook.token={token}", "--wait", "--timeout", "180s")
+        assert done.returncode == 0, f"{done.stdout}{done.stderr}\n{why_not_ready(real)}"
+        assert "The webhook answers 503" not in done.stdout  # NOTES: the token is set
+        pods = real.pods(NAMESPACE, SELECTOR)
+        assert len(pods) == 2
+        for pod in pods:
+            assert pod["metadata"]["labels"]["app.kubernetes.io/instance"] == \
+                "coredns-health-exporter"
+            status = pod["status"]["containerStatuses"][0]
+            assert status["ready"] and status["restartCount"] == 0, status
+        await probes_every_coredns_pod(real, pods[0])
+        # The token of the values is the one the webhook asks for.
+        status, text = await post_alert(real, pods[0], "not-the-token", "coredns-x")
+        assert status == 401, text
+        status, answer = await post_alert(real, pods[0], token, "not-a-coredns-pod")
+        assert status == 200, answer
+        assert [d["action"] for d in answer["decisions"]] == ["skip"], answer
+    finally:
+        done = helm("uninstall", "coredns-health-exporter", *kubeconfig, "--wait",
+                    "--timeout", "120s")
+        real.kubectl("delete", "namespace", NAMESPACE, "--wait=true", "--timeout=120s",
+                     timeout=130)
+    assert done.returncode == 0, done.stderr
+    # Nothing of the release is left where it reached beyond its namespace.
+    for namespace in ("kube-system", "default"):
+        left = real.kubectl("-n", namespace, "get", "roles,rolebindings", "-o", "name")
+        assert "coredns-health-exporter" not in left, left
 
 
 async def test_daemonset_overlay_probes_from_the_node(real_cluster: RealCluster,
@@ -595,6 +647,8 @@ async def post_alert(real: RealCluster, exporter: dict[str, Any], token: str, po
         async with aiohttp.ClientSession() as session, session.post(
                 f"http://{address}/webhook/alertmanager", json=body,
                 headers={"Authorization": f"Bearer {token}"}) as response:
+            if response.content_type != "application/json":
+                return response.status, await response.text()
             return response.status, await response.json()
 
 

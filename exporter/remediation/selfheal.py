@@ -27,6 +27,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import NamedTuple
 
 from ..config import Settings
 from ..dns.engine import probe
@@ -55,6 +56,12 @@ class _Streak:
     seen: float = 0.0  # started_at of the newest result counted
 
 
+class Verdict(NamedTuple):
+    suspects: list[Check]  # one check per suspect pod
+    shared: frozenset[str]  # the queries every pod fails over UDP: a shared cause
+    passing: frozenset[str]  # the queries some pod passes over UDP in its latest result
+
+
 @dataclass
 class Tracker:
     """The pure part: results in, suspects out. No I/O, tested on its own."""
@@ -79,8 +86,8 @@ class Tracker:
                     streak.since = result.started_at
                 streak.failed += 1
 
-    def suspects(self, latest: dict[Check, ProbeResult]) -> tuple[list[Check], frozenset[str]]:
-        """(one check per suspect pod, the queries every pod fails).
+    def suspects(self, latest: dict[Check, ProbeResult]) -> Verdict:
+        """One check per suspect pod, the queries every pod fails, those some pod passes.
 
         A pod is suspect when every one of its UDP checks failed SUSPECT_AFTER results in a
         row (its UDP answers nothing) while another pod passes one of those queries. A pod
@@ -101,11 +108,7 @@ class Tracker:
                 found += answered[:1]
         shared = frozenset(c.query.label for c, s in self.streaks.items()
                            if s.failed >= SUSPECT_AFTER and not passing.get(c.query.label))
-        return found, shared
-
-    def passing_queries(self, latest: dict[Check, ProbeResult]) -> frozenset[str]:
-        """The queries some pod passes over UDP in its latest result."""
-        return frozenset(c.query.label for c in latest if _watched(c) and latest[c].ok)
+        return Verdict(found, shared, frozenset(passing))
 
 
 def _watched(check: Check) -> bool:
@@ -138,10 +141,10 @@ class SelfRemediation:
     async def look(self) -> None:
         latest = self._store.latest()
         self._tracker.observe(latest)
-        suspects, shared = self._tracker.suspects(latest)
+        suspects, shared, passing = self._tracker.suspects(latest)
         if shared != self._shared:
             self._shared = shared
-            self._say_shared(shared, self._tracker.passing_queries(latest))
+            self._say_shared(shared, passing)
         now = time.monotonic()
         for check in suspects:
             pod = check.target.pod
