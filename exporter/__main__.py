@@ -12,7 +12,7 @@ import json
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from aiohttp import web
@@ -49,21 +49,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _config_error(exc)
     # `check` is a command-line tool: its effective config is there for --log-level debug
     # readers, not printed above every table.
+    loop_name, loop_factory = event_loop()
     log.log(
         logging.DEBUG if settings.command == "check" else logging.INFO,
         "starting coredns-health-exporter",
-        extra={"fields": {"version": __version__, "config": settings.effective()}},
+        extra={"fields": {"version": __version__, "event_loop": loop_name,
+                          "config": settings.effective()}},
     )
     log.info(
         plan.source,
         extra={"fields": {"targets": [t.endpoint.address for t in plan.targets]}},
     )
     try:
-        if settings.command == "check":
-            return asyncio.run(check(settings, plan))
-        return asyncio.run(serve(settings, plan, access))
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            if settings.command == "check":
+                return runner.run(check(settings, plan))
+            return runner.run(serve(settings, plan, access))
     except KeyboardInterrupt:
         return 130
+
+
+def event_loop() -> tuple[str, Callable[[], asyncio.AbstractEventLoop] | None]:
+    """uvloop's event loop where it is installed (a dependency but on Windows), else
+    asyncio's own: its name, and its factory (None: asyncio's default)."""
+    try:
+        import uvloop
+    except ImportError:
+        return "asyncio", None
+    from importlib.metadata import version
+
+    return f"uvloop {version('uvloop')}", uvloop.new_event_loop
 
 
 def _web_access(settings: Settings) -> WebAccess | None:

@@ -45,6 +45,24 @@ def _all_probed(body: str) -> bool:
     )
 
 
+async def test_the_exporter_runs_on_uvloop_and_probes_both_transports(
+    exporter: Exporter, two_servers: tuple[CoreDNS, CoreDNS]
+) -> None:
+    """uvloop is a dependency (the locks hold it): the served exporter runs on it, and its
+    probes and their kernel receive timestamps work there (a latency is measured)."""
+    [start] = exporter.logged("starting coredns-health-exporter")
+    assert start["event_loop"].startswith("uvloop "), start
+    healthy, _ = two_servers
+    body = await scrape_until(exporter.url, _all_probed)
+    for proto in ("udp", "tcp"):
+        count = value(body, "dnsprobe_duration_seconds_count", address=healthy.address,
+                      protocol=proto)
+        assert count is not None and count >= 1, proto
+        total = value(body, "dnsprobe_duration_seconds_sum", address=healthy.address,
+                      protocol=proto)
+        assert total is not None and 0 < total < count  # under a second each, not zero
+
+
 async def test_scrape_shows_per_target_series_with_every_label(
     exporter: Exporter, two_servers: tuple[CoreDNS, CoreDNS]
 ) -> None:
