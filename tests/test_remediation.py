@@ -560,11 +560,17 @@ async def test_two_self_remediating_replicas_evict_one_pod_once(lab: Lab, start:
         return any(r.get("msg") == "targets updated" and sick.name in str(r.get("removed"))
                    for r in exporter.logs)
 
+    def evictions() -> list[dict[str, Any]]:
+        return [d for r in replicas for d in decided(r) if d["action"] == "evict"]
+
     # Each replica decides on the pod once it has failed twice in its own rounds, unless
-    # the pod left its targets first (a Terminating pod is not probed).
-    assert await wait_until(lambda: all(decided(r) or left(r) for r in replicas), 30), [
+    # the pod left its targets first (a Terminating pod is not probed). The one that
+    # evicted logs its decision after the eviction, its Event and the Lease: both
+    # replicas may see the pod leave before that line is written.
+    assert await wait_until(
+        lambda: bool(evictions()) and all(decided(r) or left(r) for r in replicas), 30), [
         decided(r) for r in replicas]
-    acts = [d for r in replicas for d in decided(r) if d["action"] == "evict"]
+    acts = evictions()
     assert [d["result"] for d in acts] == ["success"], acts
     skips = {d["result"] for r in replicas for d in decided(r) if d["action"] == "skip"}
     assert skips <= {"cooldown", "terminating", "duplicate", "not_found"}, skips
