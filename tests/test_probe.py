@@ -163,6 +163,8 @@ async def test_cancelled_probe_closes_its_socket_and_reports_nothing(
     if protocol is Protocol.TCP:
         listener = socket.create_server((host, 0))  # accepts, never answers
         port = listener.getsockname()[1]
+    # The loop's UDP poller (one epoll set, made by its first UDP probe) is not a probe's.
+    await probe(host, port, Protocol.UDP, KUBERNETES, 0.01)
     fds = len(os.listdir("/proc/self/fd"))
     results: list[ProbeResult] = []
     handle = start_probe(host, port, protocol, KUBERNETES, 5.0, results.append)

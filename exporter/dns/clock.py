@@ -5,6 +5,7 @@ busy with other probes delays when a response is read, not the latency reported.
 
 from __future__ import annotations
 
+import _socket
 import socket
 import struct
 import sys
@@ -21,7 +22,7 @@ TIMESPEC = struct.Struct("@ll")
 ANCILLARY = socket.CMSG_SPACE(TIMESPEC.size)
 
 
-def enable_timestamps(sock: socket.socket) -> None:
+def enable_timestamps(sock: _socket.socket) -> None:
     if SO_TIMESTAMPNS is not None:
         try:  # noqa: SIM105 - on every probe: a plain try costs less than suppress()
             sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)

@@ -19,12 +19,16 @@ latency reported.
 
 from __future__ import annotations
 
+import _socket
 import asyncio
+import collections
 import errno
 import functools
 import ipaddress
+import select
 import socket
 import struct
+import threading
 import time
 import typing
 from collections.abc import Callable
@@ -165,7 +169,7 @@ def _wake(waiter: asyncio.Future[None]) -> None:
         waiter.set_result(None)
 
 
-async def _readable(sock: socket.socket) -> None:
+async def _readable(sock: _socket.socket) -> None:
     loop = asyncio.get_running_loop()
     waiter: asyncio.Future[None] = loop.create_future()
     fd = sock.fileno()
@@ -174,6 +178,108 @@ async def _readable(sock: socket.socket) -> None:
         await waiter
     finally:
         loop.remove_reader(fd)
+
+
+class _Deadlines:
+    """The timeouts of every in-flight UDP probe with one timeout value: a queue in start
+    order (so in deadline order) and one timer, armed for the oldest probe still in
+    flight. A probe that is answered leaves its entry behind, skipped when the timer
+    fires or the next probe starts; a timer per probe, armed and cancelled thousands of
+    times a second, cost more than the whole queue."""
+
+    __slots__ = ("_loop", "_queue", "_timeout", "_timer")
+
+    # A loop may run a timer up to its clock's resolution early (uvloop's is 1 ms): a
+    # deadline that close counts as reached, or the queue would re-arm the same instant.
+    _SLACK = 0.001
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
+        self._loop = loop
+        self._timeout = timeout
+        self._queue: collections.deque[tuple[float, _Exchange]] = collections.deque()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, exchange: _Exchange) -> None:
+        queue = self._queue
+        while queue and queue[0][1]._finished:
+            queue.popleft()
+        deadline = self._loop.time() + self._timeout
+        queue.append((deadline, exchange))
+        if self._timer is None:
+            self._timer = self._loop.call_at(deadline, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        queue, now = self._queue, self._loop.time() + self._SLACK
+        while queue:
+            deadline, exchange = queue[0]
+            if not exchange._finished:
+                if deadline > now:
+                    self._timer = self._loop.call_at(deadline, self._fire)
+                    return
+                exchange._expired()
+            queue.popleft()
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._queue.clear()
+
+
+class _Poller:
+    """The UDP probes in flight on one event loop, behind one epoll set that the loop
+    watches once. A probe's socket is registered with one epoll_ctl() and leaves the set
+    when it is closed; asking the loop to watch and unwatch each socket cost several
+    times that (the loop's handle objects for every socket, and a second syscall)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._epoll = select.epoll()
+        self._probes: dict[int, _Exchange] = {}
+        self._deadlines: dict[float, _Deadlines] = {}
+        loop.add_reader(self._epoll.fileno(), self._ready)
+
+    def watch(self, fd: int, exchange: _Exchange, timeout: float) -> None:
+        """Call `exchange._udp_readable()` when `fd` is readable, `exchange._expired()` if
+        it is not finished `timeout` seconds from now."""
+        self._epoll.register(fd, select.EPOLLIN)
+        self._probes[fd] = exchange
+        deadlines = self._deadlines.get(timeout)
+        if deadlines is None:
+            deadlines = self._deadlines[timeout] = _Deadlines(self.loop, timeout)
+        deadlines.add(exchange)
+
+    def forget(self, fd: int) -> None:
+        """`fd` is about to be closed (closing it takes it out of the epoll set)."""
+        del self._probes[fd]
+
+    def _ready(self) -> None:
+        probes = self._probes
+        for fd, _ in self._epoll.poll(0):
+            exchange = probes.get(fd)
+            if exchange is not None:  # else it finished earlier in this batch
+                exchange._udp_readable()
+
+    def close(self) -> None:
+        for deadlines in self._deadlines.values():
+            deadlines.close()
+        if not self.loop.is_closed():
+            self.loop.remove_reader(self._epoll.fileno())
+        self._epoll.close()
+
+
+# One poller per thread, for the loop running there: a new loop (a test's, another
+# asyncio.run()) gets a new one and the previous is closed.
+_local = threading.local()
+
+
+def _poller(loop: asyncio.AbstractEventLoop) -> _Poller:
+    poller: _Poller | None = getattr(_local, "poller", None)
+    if poller is None or poller.loop is not loop:
+        if poller is not None:
+            poller.close()
+        poller = _local.poller = _Poller(loop)
+    return poller
 
 
 class _Exchange:
@@ -189,9 +295,9 @@ class _Exchange:
     """
 
     __slots__ = (
-        "_done", "_fd", "_finished", "_handshake", "_ignored", "_log", "_loop", "_protocol",
-        "_query", "_rdtype", "_rx_ns", "_sent", "_sent_ns", "_sock", "_started_at", "_task",
-        "_timeout", "_timer", "_wire", "data", "response", "rtt",
+        "_done", "_fd", "_finished", "_handshake", "_ignored", "_log", "_loop", "_poller",
+        "_protocol", "_query", "_rdtype", "_rx_ns", "_sent", "_sent_ns", "_sock",
+        "_started_at", "_task", "_timeout", "_wire", "data", "response", "rtt",
     )
 
     def __init__(
@@ -210,9 +316,9 @@ class _Exchange:
         self._started_at = time.time()
         self._rdtype = _rdtype(query.rdtype)
         self._ignored: list[str] = []
-        self._sock: socket.socket | None = None
-        self._fd = -1  # registered with the loop's selector
-        self._timer: asyncio.TimerHandle | None = None
+        self._sock: _socket.socket | None = None
+        self._fd = -1  # UDP: watched by the loop's _Poller
+        self._poller: _Poller | None = None
         self._task: asyncio.Task[None] | None = None
         self._finished = False
         self._sent_ns = 0
@@ -241,7 +347,11 @@ class _Exchange:
             self._fail(Outcome.ERROR, f"not an IP address: {host!r}")
             return
         try:
-            sock = socket.socket(family, _UDP if protocol is Protocol.UDP else _TCP)
+            # UDP: the C socket type itself; the Python subclass's __init__ and close()
+            # wrappers were a tenth of a probe. TCP hands its socket to the loop's
+            # sock_* methods, which want the Python one.
+            sock = (_socket.socket(family, _UDP) if protocol is Protocol.UDP
+                    else socket.socket(family, _TCP))
         except OSError as exc:  # out of file descriptors, most likely: say so, do not crash
             self._fail(Outcome.ERROR, f"cannot open a socket: {exc}")
             return
@@ -249,7 +359,7 @@ class _Exchange:
         if not _NONBLOCK:
             sock.setblocking(False)
         enable_timestamps(sock)
-        if protocol is Protocol.TCP:
+        if isinstance(sock, socket.socket):  # TCP
             self._task = loop.create_task(self._tcp(host, port))
             return
         try:
@@ -262,8 +372,8 @@ class _Exchange:
             self._fail(*_unreachable(exc))
             return
         self._fd = sock.fileno()
-        loop.add_reader(self._fd, self._udp_readable)
-        self._timer = loop.call_later(self._timeout, self._expired)
+        self._poller = _poller(loop)
+        self._poller.watch(self._fd, self, self._timeout)
 
     @property
     def finished(self) -> bool:
@@ -279,11 +389,9 @@ class _Exchange:
             self._close()
 
     def _close(self) -> None:
-        if self._fd >= 0:
-            self._loop.remove_reader(self._fd)
-            self._fd = -1
-        if self._timer is not None:
-            self._timer.cancel()
+        if self._poller is not None:
+            self._poller.forget(self._fd)
+            self._poller = None
         if self._sock is not None:
             self._sock.close()
 
@@ -415,16 +523,16 @@ class _Exchange:
     async def _tcp_exchange(self, host: str, port: int) -> None:
         """The round trip is the handshake's, as the kernel measured it (TCP_INFO), plus
         the query's from sending to the kernel's receive timestamp of the answer."""
-        assert self._sock is not None
-        loop = self._loop
+        sock, loop = self._sock, self._loop
+        assert isinstance(sock, socket.socket)
         self._start_clock()
-        await loop.sock_connect(self._sock, (host, port))
+        await loop.sock_connect(sock, (host, port))
         connected = time.perf_counter() - self._sent
-        self._handshake = handshake_rtt(self._sock, connected)
+        self._handshake = handshake_rtt(sock, connected)
         if self._log:
             self._log(f"connected, handshake round trip {self._handshake * 1000:.3f}ms")
         self._start_clock()
-        await loop.sock_sendall(self._sock, struct.pack("!H", len(self._wire)) + self._wire)
+        await loop.sock_sendall(sock, struct.pack("!H", len(self._wire)) + self._wire)
         try:
             while True:
                 (length,) = struct.unpack("!H", await self._recv_exactly(2))

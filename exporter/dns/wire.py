@@ -51,12 +51,30 @@ def _template(qname: str, rdtype: str) -> bytes:
     return message.to_wire()
 
 
+class _RandomIds:
+    """Query IDs from the system's random source, read 2,048 at a time: a fresh
+    unpredictable ID for every probe, without a getrandom() call for each."""
+
+    __slots__ = ("_ids",)
+
+    def __init__(self) -> None:
+        self._ids: list[int] = []
+
+    def next(self) -> int:
+        if not self._ids:
+            self._ids = list(memoryview(os.urandom(4096)).cast("H"))
+        return self._ids.pop()
+
+
+_IDS = _RandomIds()
+
+
 def build_query(query: Query) -> tuple[int, bytes]:
     """A fresh random ID and the query's wire form: recursion desired, no EDNS, as a stub
     resolver sends it. dnspython builds each distinct query once; a probe only stamps
     its ID into a copy, which keeps per-probe CPU low."""
     template = _template(query.qname, query.rdtype)
-    qid = int.from_bytes(os.urandom(2), "big")
+    qid = _IDS.next()
     return qid, qid.to_bytes(2, "big") + template[2:]
 
 
@@ -217,10 +235,10 @@ def evaluate(
     is `truncated` whatever else it holds: a client would have to retry over TCP.
     """
     answers = response.answers
-    if protocol is Protocol.UDP and response.flags & dns.flags.TC:
+    if protocol is Protocol.UDP and response.flags & _TC:
         reason = "response truncated (TC set): clients must retry over TCP"
         return Outcome.TRUNCATED, reason, answers
-    if response.rcode != dns.rcode.NOERROR:
+    if response.rcode != _NOERROR:
         return Outcome.RCODE, f"rcode {_rcode_text(response.rcode)}", answers
     if not answers:
         return (
@@ -238,9 +256,20 @@ def evaluate(
                 f"expected {', '.join(missing)} in the answer, got {', '.join(answers)}",
                 answers,
             )
-    return Outcome.SUCCESS, f"NOERROR, {query.rdtype} {', '.join(answers)}", answers
+    return Outcome.SUCCESS, _success_reason(query.rdtype, answers), answers
 
 
+# Plain ints: comparing with dnspython's enums goes through enum's operators, per probe.
+_TC = int(dns.flags.TC)
+_NOERROR = int(dns.rcode.NOERROR)
+
+
+@functools.lru_cache(maxsize=4096)
+def _success_reason(rdtype: str, answers: tuple[str, ...]) -> str:
+    return f"NOERROR, {rdtype} {', '.join(answers)}"
+
+
+@functools.lru_cache(maxsize=4096)
 def _rcode_text(rcode: int) -> str:
     return dns.rcode.to_text(dns.rcode.Rcode.make(rcode))
 

