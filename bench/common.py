@@ -3,6 +3,7 @@ percentiles, scraping."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -10,10 +11,11 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Coroutine, Iterator, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
+from exporter.__main__ import event_loop
 from exporter.model import Query
 from tests.harness import coredns
 from tests.harness.cluster import Cluster, free_port
@@ -28,6 +30,16 @@ DNS_PORT = coredns.DNS_PORT
 _TICK = os.sysconf("SC_CLK_TCK")
 
 __all__ = ["DNS_PORT", "QUERY", "RESULTS", "ROOT", "free_port"]
+
+
+T = TypeVar("T")
+
+
+def serve_loop(main: Coroutine[Any, Any, T]) -> T:
+    """Run `main` on the event loop `serve` runs on (uvloop where installed): the phases
+    that run the exporter in the bench's own process measure what ships."""
+    with asyncio.Runner(loop_factory=event_loop()[1]) as runner:
+        return runner.run(main)
 
 
 def addresses(n: int, prefix: str = "127.54") -> list[str]:

@@ -32,7 +32,7 @@ from exporter.root import Plan, create_app
 from exporter.web.state import STATE
 
 from .capture import start as start_capture
-from .common import DNS_PORT, QUERY, free_port, percentile
+from .common import DNS_PORT, QUERY, free_port, percentile, serve_loop
 from .common import process as child_process
 
 WARMUP = 3.0
@@ -152,8 +152,8 @@ def run(workdir: Path, hosts: list[str], seconds: float) -> dict[str, float]:
     """Twice: at the default interval (5 s: 400 probes a second) for the scrape figures,
     then at 1 s (2,000 probes a second) for latency truth under load."""
     started = time.monotonic()
-    normal = asyncio.run(_measure(workdir, hosts, seconds, interval=5.0))
-    loaded = asyncio.run(_measure(workdir, hosts, seconds, interval=1.0))
+    normal = serve_loop(_measure(workdir, hosts, seconds, interval=5.0))
+    loaded = serve_loop(_measure(workdir, hosts, seconds, interval=1.0))
     figures = {k: v for k, v in loaded.items() if k.startswith("latency_")}
     figures |= {k: v for k, v in normal.items() if not k.startswith("latency_")}
     figures |= {f"{k}_at_2000_probes_per_s": v for k, v in loaded.items()

@@ -17,7 +17,7 @@ from exporter.metrics.store import ResultStore, register
 from exporter.model import Check, Endpoint, Kind, ProbeResult, Protocol, Target
 from exporter.probing.scheduler import Scheduler
 
-from .common import DNS_PORT, QUERY, percentile
+from .common import DNS_PORT, QUERY, percentile, serve_loop
 
 INTERVAL = 5.0
 TIMEOUT = 1.0
@@ -71,4 +71,4 @@ async def _measure(hosts: list[str], rounds: int) -> dict[str, float]:
 
 def run(workdir: Path, hosts: list[str], rounds: int = 5) -> dict[str, float]:
     del workdir  # nothing to write: the scheduler runs in this process
-    return asyncio.run(_measure(hosts, rounds))
+    return serve_loop(_measure(hosts, rounds))

@@ -22,7 +22,8 @@ ordinary prometheus-client metrics in the registry, written last; with OpenMetri
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import itertools
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry
@@ -31,11 +32,28 @@ from prometheus_client.exposition import choose_encoder
 from ..model import TARGET_LABELS, Check, Target
 from .store import BUCKETS, OUTCOMES, ResultStore
 
-# Checks (or targets) handled between two yields to the event loop: about a millisecond.
+# Checks (or targets) read between two yields to the event loop: about a millisecond.
 CHUNK = 100
+# Bytes of series written at once before the loop gets a turn. Pieces stay below glibc's
+# mmap threshold (128 KiB): larger ones are mapped and unmapped on every scrape, and their
+# page faults cost more than the rendering (with 330 KB pieces, a third of a scrape).
+PIECE = 64 * 1024
 
 _LE = [*(repr(b) for b in BUCKETS), "+Inf"]  # as Go and prometheus-client print `le`
 _TARGET_NAMES = TARGET_LABELS[:6]  # without protocol and query
+
+# One check's lines of a family, as one bytes template: `%s` takes the check's label text
+# (the same bytes at every `%s`), then each sample's value. One `%` a family and check,
+# in bytes from the start: formatting line by line and encoding after cost half as much
+# again, for the 10 MB a 1,000-pod cluster's scrape is.
+_SUCCESS = b"dnsprobe_success{%s} %d\n"
+_DURATIONS = (
+    "".join(f'dnsprobe_duration_seconds_bucket{{%s,le="{le}"}} %d\n' for le in _LE)
+    + "dnsprobe_duration_seconds_count{%s} %d\ndnsprobe_duration_seconds_sum{%s} %r\n"
+).encode()
+_PROBES = "".join(
+    f'dnsprobe_probes_total{{%s,result="{outcome}"}} %d\n' for outcome in OUTCOMES
+).encode()
 
 OPENMETRICS = "application/openmetrics-text"
 
@@ -64,7 +82,7 @@ def _header(name: str, kind: str, help_text: str, openmetrics: bool) -> bytes:
 class _Row:
     """One check's series values at the moment of the snapshot."""
 
-    labels: str
+    labels: bytes
     ok: bool
     buckets: list[int]
     rtt_sum: float
@@ -77,7 +95,7 @@ class Exposition:
     def __init__(self, store: ResultStore, registry: CollectorRegistry) -> None:
         self._store = store
         self._registry = registry
-        self._check_labels: dict[Check, str] = {}
+        self._check_labels: dict[Check, bytes] = {}
         self._target_labels: dict[Target, str] = {}
 
     @staticmethod
@@ -94,25 +112,20 @@ class Exposition:
         encoder, content_type = choose_encoder(accept)
         openmetrics = content_type.startswith(OPENMETRICS)
         rows = await self._snapshot()
-        yield _header("dnsprobe_success", "gauge", SUCCESS_HELP, openmetrics)
-        for start in range(0, len(rows), CHUNK * 4):
-            yield "".join([
-                f"dnsprobe_success{{{row.labels}}} {1 if row.ok else 0}\n"
-                for row in rows[start : start + CHUNK * 4]
-            ]).encode()
-            await asyncio.sleep(0)
-        yield _header("dnsprobe_duration_seconds", "histogram", DURATION_HELP, openmetrics)
-        for start in range(0, len(rows), CHUNK):
-            yield _durations(rows[start : start + CHUNK]).encode()
-            await asyncio.sleep(0)
-        yield _header("dnsprobe_probes_total", "counter", PROBES_HELP, openmetrics)
-        for start in range(0, len(rows), CHUNK):
-            yield "".join([
-                f'dnsprobe_probes_total{{{row.labels},result="{outcome}"}} {count}\n'
-                for row in rows[start : start + CHUNK]
-                for outcome, count in zip(OUTCOMES, row.outcomes, strict=True)
-            ]).encode()
-            await asyncio.sleep(0)
+        for family, kind, help_text, render in _FAMILIES:
+            yield _header(family, kind, help_text, openmetrics)
+            pieces: list[bytes] = []
+            size = 0
+            for row in rows:
+                text = render(row)
+                pieces.append(text)
+                size += len(text)
+                if size >= PIECE:
+                    yield b"".join(pieces)
+                    pieces, size = [], 0
+                    await asyncio.sleep(0)
+            if pieces:
+                yield b"".join(pieces)
         yield _header("dnsprobe_target_info", "gauge", TARGET_INFO_HELP, openmetrics)
         async for chunk in self._target_info():
             yield chunk
@@ -130,7 +143,7 @@ class Exposition:
             for check, state in states[start : start + CHUNK * 4]:
                 text = known.get(check)
                 if text is None:
-                    text = label_text(TARGET_LABELS, check.label_values())
+                    text = label_text(TARGET_LABELS, check.label_values()).encode()
                 labels[check] = text
                 rows.append(_Row(text, state.last.ok, list(state.bucket_counts), state.rtt_sum,
                                  list(state.outcome_counts)))
@@ -156,13 +169,29 @@ class Exposition:
         self._target_labels = labels
 
 
-def _durations(rows: list[_Row]) -> str:
-    lines = []
-    for row in rows:
-        text, cumulative = row.labels, 0
-        for le, count in zip(_LE, row.buckets, strict=True):
-            cumulative += count
-            lines.append(f'dnsprobe_duration_seconds_bucket{{{text},le="{le}"}} {cumulative}\n')
-        lines.append(f"dnsprobe_duration_seconds_count{{{text}}} {cumulative}\n")
-        lines.append(f"dnsprobe_duration_seconds_sum{{{text}}} {row.rtt_sum!r}\n")
-    return "".join(lines)
+def _success(row: _Row) -> bytes:
+    return _SUCCESS % (row.labels, row.ok)
+
+
+def _durations(row: _Row) -> bytes:
+    # (labels, value) for each bucket, then the count, then the sum.
+    values: list[bytes | int | float] = [row.labels] * (2 * len(_LE) + 4)
+    cumulative = list(itertools.accumulate(row.buckets))
+    values[1 : 2 * len(_LE) : 2] = cumulative
+    values[-3] = cumulative[-1]
+    values[-1] = row.rtt_sum
+    return _DURATIONS % tuple(values)
+
+
+def _probes(row: _Row) -> bytes:
+    values: list[bytes | int] = [row.labels] * (2 * len(OUTCOMES))
+    values[1::2] = row.outcomes
+    return _PROBES % tuple(values)
+
+
+# The per-check families in the order they are written, and how a row renders in each.
+_FAMILIES: tuple[tuple[str, str, str, Callable[[_Row], bytes]], ...] = (
+    ("dnsprobe_success", "gauge", SUCCESS_HELP, _success),
+    ("dnsprobe_duration_seconds", "histogram", DURATION_HELP, _durations),
+    ("dnsprobe_probes_total", "counter", PROBES_HELP, _probes),
+)
