@@ -26,7 +26,9 @@ from .common import (
     cpu_seconds,
     fetch,
     free_port,
+    percentile,
     process,
+    rss_mb,
     sample_sum,
 )
 
@@ -35,14 +37,31 @@ WARMUP = 3.0
 
 def exporter_phase(workdir: Path, hosts: list[str], seconds: float) -> dict[str, float]:
     """The exporter probing every host once a second over UDP, scraped every second."""
+    figures = serve_and_scrape(workdir, hosts, seconds, interval=1, protocol="udp", every=1.0)
+    return {
+        "exporter_probes": figures["probes"],
+        "exporter_probes_per_second": figures["probes_per_second"],
+        "exporter_success_ratio": figures["success_ratio"],
+        "exporter_scrapes": figures["scrapes"],
+        "cpu_per_probe_us": figures["cpu_per_probe_us"],
+    }
+
+
+def serve_and_scrape(
+    workdir: Path, hosts: list[str], seconds: float, *, interval: float, protocol: str,
+    every: float,
+) -> dict[str, float]:
+    """`serve` (its own process) probing `hosts` every `interval` seconds over `protocol`
+    with the answer validated, scraped every `every` seconds for `seconds`: its CPU per
+    probe, the scrapes' time and size, its resident memory at the end."""
     port = free_port()
     config = workdir / "exporter.yaml"
     config.write_text(json.dumps({
         "server": [f"{h}:{DNS_PORT}" for h in hosts],
         "query": [{"name": QUERY.qname, "expect": list(QUERY.expect)}],
-        "protocol": "udp",
-        "interval": 1,
-        "timeout": 0.5,
+        "protocol": protocol,
+        "interval": interval,
+        "timeout": min(1.0, interval / 2),
         "listen": f"127.0.0.1:{port}",
     }))
     log = workdir / "exporter.log"
@@ -50,25 +69,30 @@ def exporter_phase(workdir: Path, hosts: list[str], seconds: float) -> dict[str,
     args = [sys.executable, "-m", "exporter", "serve", "--config", str(config)]
     with process(args, log) as child:
         await_http(url + "/-/ready", child, log)
-        time.sleep(WARMUP)  # let rounds settle: the measured window starts in steady state
-        before = fetch(url + "/metrics").decode()
+        time.sleep(WARMUP + interval)  # a whole round first: the window starts in steady state
+        before = after = fetch(url + "/metrics").decode()
         cpu0, t0 = cpu_seconds(child.pid), time.monotonic()
-        scrapes = 0
-        while time.monotonic() - t0 < seconds:
-            time.sleep(1.0)  # Prometheus' pace: one scrape a second
+        timings: list[float] = []
+        while time.monotonic() - t0 < seconds:  # bounded: `seconds` of scrapes
+            time.sleep(every)  # Prometheus' pace
+            t = time.perf_counter()
             after = fetch(url + "/metrics").decode()
-            scrapes += 1
+            timings.append((time.perf_counter() - t) * 1000)
         cpu = cpu_seconds(child.pid) - cpu0
         wall = time.monotonic() - t0
+        rss = rss_mb(child.pid)
     name = "dnsprobe_probes_total"
     probes = sample_sum(after, name) - sample_sum(before, name)
     ok = sample_sum(after, name, result="success") - sample_sum(before, name, result="success")
     return {
-        "exporter_probes": probes,
-        "exporter_probes_per_second": probes / wall,
-        "exporter_success_ratio": ok / probes if probes else 0.0,
-        "exporter_scrapes": scrapes,
+        "probes": probes,
+        "probes_per_second": probes / wall,
+        "success_ratio": ok / probes if probes else 0.0,
+        "scrapes": len(timings),
         "cpu_per_probe_us": cpu / probes * 1e6 if probes else float("nan"),
+        "scrape_ms": percentile(timings, 0.5),
+        "scrape_bytes": len(after),
+        "rss_mb": rss,
     }
 
 
@@ -152,10 +176,32 @@ def blackbox_phase(
     }
 
 
-def run(workdir: Path, hosts: list[str], seconds: float) -> dict[str, float]:
-    figures = exporter_phase(workdir, hosts, seconds)
-    figures |= blackbox_phase(workdir, hosts, rate=len(hosts), seconds=seconds)
+def run(
+    workdir: Path, hosts: list[str], seconds: float, exporter_first: bool = True
+) -> dict[str, float]:
+    """One round: the exporter and blackbox_exporter one after the other (in the order
+    given: rounds alternate it, so a machine getting busier or quieter favours neither)."""
+    figures: dict[str, float] = {}
+    for ours in (exporter_first, not exporter_first):
+        if ours:
+            figures |= exporter_phase(workdir, hosts, seconds)
+        else:
+            figures |= blackbox_phase(workdir, hosts, rate=len(hosts), seconds=seconds)
     figures["cpu_ratio_vs_blackbox"] = (
         figures["blackbox_cpu_per_probe_us"] / figures["cpu_per_probe_us"]
     )
+    return figures
+
+
+def scale(workdir: Path, hosts: list[str], seconds: float) -> dict[str, float]:
+    """How the figures move with the number of targets: 100, 1,000 and 5,000 static
+    targets at the defaults (UDP and TCP, every 5 s), scraped every 5 s."""
+    figures: dict[str, float] = {}
+    for n in (100, 1000, 5000):
+        print(f"#   {n} targets ...", file=sys.stderr, flush=True)
+        got = serve_and_scrape(workdir, hosts[:n], max(15.0, seconds), interval=5,
+                               protocol="both", every=5.0)
+        for name in ("probes_per_second", "success_ratio", "cpu_per_probe_us", "scrape_ms",
+                     "scrape_bytes", "rss_mb"):
+            figures[f"scale_{n}_{name}"] = got[name]
     return figures

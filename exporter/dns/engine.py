@@ -95,6 +95,8 @@ def start_probe(
     timeout: float,
     done: Callable[[ProbeResult], None],
     trace: list[str] | None = None,
+    *,
+    loop: asyncio.AbstractEventLoop | None = None,
 ) -> ProbeHandle:
     """Start a probe on the running event loop; `done` gets its result, exactly once.
 
@@ -103,9 +105,13 @@ def start_probe(
     callback, or before this returns when the probe cannot start (a bad address, no
     socket to be had). `ProbeHandle.cancel()` abandons the probe without calling `done`.
     """
-    exchange = _Exchange(query, protocol, timeout, done, _Trace(trace))
-    exchange.start(asyncio.get_running_loop(), host, port)
+    exchange = _Exchange(query, protocol, timeout, done, _Trace(trace) if trace is not None
+                         else _NO_TRACE)
+    exchange.start(loop or asyncio.get_running_loop(), host, port)
     return exchange
+
+
+_NO_TRACE = _Trace(None)
 
 
 class ProbeHandle(typing.Protocol):
@@ -336,7 +342,7 @@ class _Exchange:
         self._loop = loop
         qid, self._wire = build_query(self._query)
         query, protocol = self._query, self._protocol
-        if self._log:
+        if self._log.enabled:
             self._log(
                 f"sending {query.rdtype} {query.qname} id={qid} to {host} port {port} "
                 f"over {protocol}, timeout {self._timeout:g}s"
@@ -421,7 +427,7 @@ class _Exchange:
         response = self.response
         assert response is not None
         outcome, reason, answers = evaluate(self._query, response, self._protocol)
-        if self._log:
+        if self._log.enabled:
             _trace_response(self._log, self.data, self.rtt, outcome, reason)
         self._finish(ProbeResult(
             outcome, reason, rtt_seconds=self.rtt, rcode=_rcode_text(response.rcode),
@@ -460,7 +466,7 @@ class _Exchange:
         note = _mismatch(data, self._wire)
         if note is not None:
             self._ignored.append(note)
-            if self._log:
+            if self._log.enabled:
                 self._log(f"ignored {note}")
             return False
         try:
@@ -529,7 +535,7 @@ class _Exchange:
         await loop.sock_connect(sock, (host, port))
         connected = time.perf_counter() - self._sent
         self._handshake = handshake_rtt(sock, connected)
-        if self._log:
+        if self._log.enabled:
             self._log(f"connected, handshake round trip {self._handshake * 1000:.3f}ms")
         self._start_clock()
         await loop.sock_sendall(sock, struct.pack("!H", len(self._wire)) + self._wire)

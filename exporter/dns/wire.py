@@ -29,11 +29,14 @@ _MAX_MESSAGE = 65535
 class _Trace:
     """Collects a probe's log lines for `/probe?debug=true`; a no-op when not asked for."""
 
-    __slots__ = ("_lines", "_t0")
+    __slots__ = ("_lines", "_t0", "enabled")
 
     def __init__(self, lines: list[str] | None) -> None:
         self._lines = lines
         self._t0 = time.perf_counter()
+        # An attribute, not only __bool__: probes test it on every step, thousands of
+        # times a second.
+        self.enabled = lines is not None
 
     def __bool__(self) -> bool:
         return self._lines is not None

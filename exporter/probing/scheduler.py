@@ -94,7 +94,11 @@ class Scheduler:
         self._ordered: list[Check] = []  # targets x protocols x queries, as given
         self._offsets: dict[Check, float] = {}
         self._seed = random.getrandbits(32)
-        self._semaphore = asyncio.Semaphore(settings.concurrency)
+        self._semaphore = asyncio.Semaphore(settings.concurrency)  # run_once's bound
+        # The rounds' bound: len(self._inflight) against settings.concurrency, waited on
+        # through this future when full (a semaphore's acquire and release on every
+        # probe were a twentieth of its CPU).
+        self._room: asyncio.Future[None] | None = None
         self._inflight: set[ProbeHandle] = set()
         self._idle = asyncio.Event()  # set when no probe is in flight
         self._idle.set()
@@ -187,6 +191,7 @@ class Scheduler:
             return
         loop = asyncio.get_running_loop()
         interval = self._settings.interval
+        limit = self._settings.concurrency
         start = loop.time()
         k = 0
         while True:
@@ -197,8 +202,10 @@ class Scheduler:
                 delay = round_start + self._offsets.get(check, 0.0) - loop.time()
                 if delay > _TICK:
                     await asyncio.sleep(delay)
-                await self._semaphore.acquire()
-                self._dispatch(check)
+                while len(self._inflight) >= limit:
+                    self._room = loop.create_future()
+                    await self._room
+                self._dispatch(check, loop)
             k += 1
             now = loop.time()
             if now > start + k * interval:
@@ -213,16 +220,18 @@ class Scheduler:
                 k += missed
             await asyncio.sleep(max(0.0, start + k * interval - loop.time()))
 
-    def _dispatch(self, check: Check) -> None:
-        """Start one probe in a slot already taken; its callback records the result and
-        frees the slot. No task per probe: rounds of thousands of probes stay cheap."""
+    def _dispatch(self, check: Check, loop: asyncio.AbstractEventLoop) -> None:
+        """Start one probe (there is room for it); its callback records the result and
+        makes room. No task per probe: rounds of thousands of probes stay cheap."""
         endpoint = check.target.endpoint
         handle: ProbeHandle | None = None
 
         def done(result: ProbeResult) -> None:
             if handle is not None:
                 self._inflight.discard(handle)
-            self._semaphore.release()
+            room = self._room
+            if room is not None and not room.done():
+                room.set_result(None)
             if not self._inflight:
                 self._idle.set()
             try:
@@ -235,7 +244,7 @@ class Scheduler:
                 handle = self._start_task(check, done)
             else:
                 handle = start_probe(endpoint.host, endpoint.port, check.protocol, check.query,
-                                     self._settings.timeout, done)
+                                     self._settings.timeout, done, loop=loop)
         except Exception as exc:  # a bug in one probe must not stop the rounds
             done(self._internal_error(check, exc))
             return
