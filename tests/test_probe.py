@@ -449,3 +449,20 @@ def test_fast_reader_agrees_with_dnspython_on_responses_and_their_corruptions() 
     corpus = _corpus()
     for wire in corpus[:8] + corpus[12:14]:
         assert _read_fast(wire, dns.rdatatype.A) is not None
+
+
+def test_a_response_read_once_is_not_read_again_and_the_memory_of_it_is_bounded() -> None:
+    """Responses that differ only in their ID are read once (the same Response comes
+    back); the memo of them never outgrows its bound."""
+    from exporter.dns import wire as wire_module
+
+    first, *others = _corpus()
+    response = read_response(first, dns.rdatatype.A)
+    again = read_response(b"\xab\xcd" + first[2:], dns.rdatatype.A)
+    assert again is response
+    assert _outcome(read_response, first, dns.rdatatype.A) == _outcome(
+        _reference, first, dns.rdatatype.A)
+    for ttl in range(wire_module._READ_SIZE + 10):  # answers that always differ
+        varied = first[:-10] + ttl.to_bytes(4, "big") + first[-6:]
+        read_response(varied, dns.rdatatype.A)
+        assert len(wire_module._READ) <= wire_module._READ_SIZE
