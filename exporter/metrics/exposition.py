@@ -24,12 +24,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
-from ..model import TARGET_LABELS, Check, Target
+from ..model import TARGET_LABELS, Target
 from .store import BUCKETS, OUTCOMES, ResultStore
 
 # Checks (or targets) read between two yields to the event loop: about a millisecond.
@@ -78,15 +77,10 @@ def _header(name: str, kind: str, help_text: str, openmetrics: bool) -> bytes:
     return f"# HELP {family} {help_text}\n# TYPE {family} {kind}\n".encode()
 
 
-@dataclass(frozen=True, slots=True)
-class _Row:
-    """One check's series values at the moment of the snapshot."""
-
-    labels: bytes
-    ok: bool
-    buckets: list[int]
-    rtt_sum: float
-    outcomes: list[int]
+# One check's series values at the moment of the snapshot: its labels, whether it passed,
+# its bucket counts, its round-trip sum and its outcome counts. A tuple: a scrape makes
+# one for every check.
+_Row = tuple[bytes, bool, list[int], float, list[int]]
 
 
 class Exposition:
@@ -95,7 +89,6 @@ class Exposition:
     def __init__(self, store: ResultStore, registry: CollectorRegistry) -> None:
         self._store = store
         self._registry = registry
-        self._check_labels: dict[Check, bytes] = {}
         self._target_labels: dict[Target, str] = {}
 
     @staticmethod
@@ -135,19 +128,16 @@ class Exposition:
 
     async def _snapshot(self) -> list[_Row]:
         states = self._store.states()
-        known, labels = self._check_labels, {}
         rows: list[_Row] = []
         for start in range(0, len(states), CHUNK * 4):
             if start:
                 await asyncio.sleep(0)
             for check, state in states[start : start + CHUNK * 4]:
-                text = known.get(check)
-                if text is None:
-                    text = label_text(TARGET_LABELS, check.label_values()).encode()
-                labels[check] = text
-                rows.append(_Row(text, state.last.ok, list(state.bucket_counts), state.rtt_sum,
-                                 list(state.outcome_counts)))
-        self._check_labels = labels  # checks gone since the last scrape are forgotten
+                text = state.labels
+                if not text:  # kept with the check's state, and gone with it
+                    text = state.labels = label_text(TARGET_LABELS, check.label_values()).encode()
+                rows.append((text, state.last.ok, state.bucket_counts[:], state.rtt_sum,
+                             state.outcome_counts[:]))
         return rows
 
     async def _target_info(self) -> AsyncIterator[bytes]:
@@ -170,22 +160,22 @@ class Exposition:
 
 
 def _success(row: _Row) -> bytes:
-    return _SUCCESS % (row.labels, row.ok)
+    return _SUCCESS % (row[0], row[1])
 
 
 def _durations(row: _Row) -> bytes:
     # (labels, value) for each bucket, then the count, then the sum.
-    values: list[bytes | int | float] = [row.labels] * (2 * len(_LE) + 4)
-    cumulative = list(itertools.accumulate(row.buckets))
+    values: list[bytes | int | float] = [row[0]] * (2 * len(_LE) + 4)
+    cumulative = list(itertools.accumulate(row[2]))
     values[1 : 2 * len(_LE) : 2] = cumulative
     values[-3] = cumulative[-1]
-    values[-1] = row.rtt_sum
+    values[-1] = row[3]
     return _DURATIONS % tuple(values)
 
 
 def _probes(row: _Row) -> bytes:
-    values: list[bytes | int] = [row.labels] * (2 * len(OUTCOMES))
-    values[1::2] = row.outcomes
+    values: list[bytes | int] = [row[0]] * (2 * len(OUTCOMES))
+    values[1::2] = row[4]
     return _PROBES % tuple(values)
 
 

@@ -34,6 +34,8 @@ class CheckState:
     bucket_counts: list[int] = field(default_factory=lambda: [0] * (len(BUCKETS) + 1))
     rtt_sum: float = 0.0
     outcome_counts: list[int] = field(default_factory=lambda: [0] * len(OUTCOMES))
+    # The check's labels as the exposition formats write them, made by the first scrape.
+    labels: bytes = b""
 
 
 class ResultStore:
