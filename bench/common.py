@@ -75,8 +75,13 @@ def process(args: Sequence[str], log: Path, cwd: Path = ROOT) -> Iterator[subpro
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU of a process, all its threads (exited ones included)."""
+    return sum(cpu_split(pid))
+
+
+def cpu_split(pid: int) -> tuple[float, float]:
+    """User and system (kernel) CPU seconds of a process, all its threads."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICK
+    return int(fields[11]) / _TICK, int(fields[12]) / _TICK
 
 
 def rss_mb(pid: int, field: str = "VmRSS") -> float:

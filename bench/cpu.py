@@ -24,6 +24,7 @@ from .common import (
     QUERY,
     await_http,
     cpu_seconds,
+    cpu_split,
     fetch,
     free_port,
     percentile,
@@ -44,6 +45,7 @@ def exporter_phase(workdir: Path, hosts: list[str], seconds: float) -> dict[str,
         "exporter_success_ratio": figures["success_ratio"],
         "exporter_scrapes": figures["scrapes"],
         "cpu_per_probe_us": figures["cpu_per_probe_us"],
+        "system_cpu_per_probe_us": figures["system_cpu_per_probe_us"],
     }
 
 
@@ -71,16 +73,17 @@ def serve_and_scrape(
         await_http(url + "/-/ready", child, log)
         time.sleep(WARMUP + interval)  # a whole round first: the window starts in steady state
         before = after = fetch(url + "/metrics").decode()
-        cpu0, t0 = cpu_seconds(child.pid), time.monotonic()
+        (user0, system0), t0 = cpu_split(child.pid), time.monotonic()
         timings: list[float] = []
         while time.monotonic() - t0 < seconds:  # bounded: `seconds` of scrapes
             time.sleep(every)  # Prometheus' pace
             t = time.perf_counter()
             after = fetch(url + "/metrics").decode()
             timings.append((time.perf_counter() - t) * 1000)
-        cpu = cpu_seconds(child.pid) - cpu0
+        user, system = cpu_split(child.pid)
         wall = time.monotonic() - t0
         rss = rss_mb(child.pid)
+    cpu, system = user + system - user0 - system0, system - system0
     name = "dnsprobe_probes_total"
     probes = sample_sum(after, name) - sample_sum(before, name)
     ok = sample_sum(after, name, result="success") - sample_sum(before, name, result="success")
@@ -90,6 +93,7 @@ def serve_and_scrape(
         "success_ratio": ok / probes if probes else 0.0,
         "scrapes": len(timings),
         "cpu_per_probe_us": cpu / probes * 1e6 if probes else float("nan"),
+        "system_cpu_per_probe_us": system / probes * 1e6 if probes else float("nan"),
         "scrape_ms": percentile(timings, 0.5),
         "scrape_bytes": len(after),
         "rss_mb": rss,
