@@ -456,7 +456,7 @@ def test_a_response_read_once_is_not_read_again_and_the_memory_of_it_is_bounded(
     back); the memo of them never outgrows its bound."""
     from exporter.dns import wire as wire_module
 
-    first, *others = _corpus()
+    first = _corpus()[0]
     response = read_response(first, dns.rdatatype.A)
     again = read_response(b"\xab\xcd" + first[2:], dns.rdatatype.A)
     assert again is response
@@ -466,3 +466,23 @@ def test_a_response_read_once_is_not_read_again_and_the_memory_of_it_is_bounded(
         varied = first[:-10] + ttl.to_bytes(4, "big") + first[-6:]
         read_response(varied, dns.rdatatype.A)
         assert len(wire_module._READ) <= wire_module._READ_SIZE
+
+
+async def test_probes_with_different_timeouts_each_time_out_on_their_own_deadline(
+    peer: PeerFactory,
+) -> None:
+    """UDP deadlines are kept per timeout value: a short timeout started after a long one
+    still expires first, and an answered probe in the same queue does not hold either up."""
+    silent_host, silent_port = await peer(lambda query: [])
+    answering_host, answering_port = await peer(lambda query: [_answer(query)])
+    order: list[str] = []
+    slow = asyncio.create_task(probe(silent_host, silent_port, Protocol.UDP, KUBERNETES, 2.0))
+    slow.add_done_callback(lambda _: order.append("2s"))
+    answered = await probe(answering_host, answering_port, Protocol.UDP, KUBERNETES, 2.0)
+    quick = await probe(silent_host, silent_port, Protocol.UDP, KUBERNETES, 0.1)
+    order.append("0.1s")
+    assert answered.outcome is Outcome.SUCCESS
+    assert quick.outcome is Outcome.TIMEOUT and "0.1s" in quick.reason
+    result = await slow
+    assert result.outcome is Outcome.TIMEOUT and "2s" in result.reason
+    assert order == ["0.1s", "2s"]

@@ -291,8 +291,9 @@ def _poller(loop: asyncio.AbstractEventLoop) -> _Poller:
 class _Exchange:
     """One probe: a query and its response on a socket of its own.
 
-    UDP runs on loop callbacks: send, a reader for the socket, a timer for the timeout,
-    and whichever fires first finishes the probe. TCP, with its connect and partial
+    UDP runs on loop callbacks: send, then the loop's `_Poller` calls back when the socket
+    is readable or its `_Deadlines` when the timeout passes, and whichever comes first
+    finishes the probe. TCP, with its connect and partial
     reads, runs as a task under `asyncio.timeout`. Reads go through recvmsg() to get the
     kernel's receive timestamp; the round trip is that timestamp minus the wall-clock
     time taken just before sending. When the kernel gives no timestamp, or a clock step
