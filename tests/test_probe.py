@@ -486,3 +486,28 @@ async def test_probes_with_different_timeouts_each_time_out_on_their_own_deadlin
     result = await slow
     assert result.outcome is Outcome.TIMEOUT and "2s" in result.reason
     assert order == ["0.1s", "2s"]
+
+
+async def test_a_probe_callback_that_raises_is_reported_and_other_probes_go_on(
+    peer: PeerFactory,
+) -> None:
+    """A `done` that raises, on an answer or on a timeout, goes to the loop's exception
+    handler; the probes after it are still answered and still time out."""
+    silent = await peer(lambda query: [])
+    answering = await peer(lambda query: [_answer(query)])
+    loop = asyncio.get_running_loop()
+    reported: list[BaseException] = []
+    loop.set_exception_handler(lambda _, context: reported.append(context["exception"]))
+
+    def boom(result: ProbeResult) -> None:
+        raise RuntimeError(f"boom after {result.outcome}")
+
+    start_probe(*answering, Protocol.UDP, KUBERNETES, 0.05, boom)
+    start_probe(*silent, Protocol.UDP, KUBERNETES, 0.05, boom)
+    answered: asyncio.Future[ProbeResult] = loop.create_future()
+    timed_out: asyncio.Future[ProbeResult] = loop.create_future()
+    start_probe(*answering, Protocol.UDP, KUBERNETES, 0.05, answered.set_result)
+    start_probe(*silent, Protocol.UDP, KUBERNETES, 0.05, timed_out.set_result)
+    assert (await asyncio.wait_for(answered, 2)).outcome is Outcome.SUCCESS
+    assert (await asyncio.wait_for(timed_out, 2)).outcome is Outcome.TIMEOUT
+    assert sorted(str(e) for e in reported) == ["boom after success", "boom after timeout"]

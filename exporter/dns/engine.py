@@ -219,17 +219,33 @@ class _Deadlines:
         queue, now = self._queue, self._loop.time() + self._SLACK
         while queue:
             deadline, exchange = queue[0]
-            if not exchange._finished:
-                if deadline > now:
-                    self._timer = self._loop.call_at(deadline, self._fire)
-                    return
-                exchange._expired()
+            if not exchange._finished and deadline > now:
+                self._timer = self._loop.call_at(deadline, self._fire)
+                return
             queue.popleft()
+            if not exchange._finished:
+                _run(self._loop, exchange._expired)
 
     def close(self) -> None:
+        """Stop. Probes still in flight time out now, unless their loop is closed (then
+        nothing could run their callbacks anyway)."""
         if self._timer is not None:
             self._timer.cancel()
-        self._queue.clear()
+        expire = not self._loop.is_closed()
+        while self._queue:
+            _, exchange = self._queue.popleft()
+            if expire and not exchange._finished:
+                _run(self._loop, exchange._expired)
+
+
+def _run(loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
+    """A probe's callback, as the loop would run it: an exception (its `done` raising,
+    most likely) is reported to the loop's handler, and the other probes go on."""
+    try:
+        callback()
+    except Exception as exc:
+        loop.call_exception_handler({"message": f"probe callback {callback!r} failed",
+                                     "exception": exc})
 
 
 class _Poller:
@@ -264,11 +280,19 @@ class _Poller:
         for fd, _ in self._epoll.poll(0):
             exchange = probes.get(fd)
             if exchange is not None:  # else it finished earlier in this batch
-                exchange._udp_readable()
+                try:
+                    exchange._udp_readable()
+                except Exception as exc:
+                    self.loop.call_exception_handler(
+                        {"message": "probe callback failed", "exception": exc})
+                    if not exchange._finished:  # else its socket would stay readable
+                        reason = f"internal error: {exc!r}"
+                        _run(self.loop, functools.partial(exchange._fail, Outcome.ERROR, reason))
 
     def close(self) -> None:
         for deadlines in self._deadlines.values():
             deadlines.close()
+        self._probes.clear()
         if not self.loop.is_closed():
             self.loop.remove_reader(self._epoll.fileno())
         self._epoll.close()
