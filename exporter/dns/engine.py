@@ -238,14 +238,16 @@ class _Deadlines:
                 _run(self._loop, exchange._expired)
 
 
-def _run(loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
+def _run(loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> Exception | None:
     """A probe's callback, as the loop would run it: an exception (its `done` raising,
-    most likely) is reported to the loop's handler, and the other probes go on."""
+    most likely) is reported to the loop's handler, and returned; the other probes go on."""
     try:
         callback()
     except Exception as exc:
         loop.call_exception_handler({"message": f"probe callback {callback!r} failed",
                                      "exception": exc})
+        return exc
+    return None
 
 
 class _Poller:
@@ -279,15 +281,12 @@ class _Poller:
         probes = self._probes
         for fd, _ in self._epoll.poll(0):
             exchange = probes.get(fd)
-            if exchange is not None:  # else it finished earlier in this batch
-                try:
-                    exchange._udp_readable()
-                except Exception as exc:
-                    self.loop.call_exception_handler(
-                        {"message": "probe callback failed", "exception": exc})
-                    if not exchange._finished:  # else its socket would stay readable
-                        reason = f"internal error: {exc!r}"
-                        _run(self.loop, functools.partial(exchange._fail, Outcome.ERROR, reason))
+            if exchange is None:  # it finished earlier in this batch
+                continue
+            exc = _run(self.loop, exchange._udp_readable)
+            if exc is not None and not exchange._finished:  # its socket would stay readable
+                fail = functools.partial(exchange._fail, Outcome.ERROR, f"internal error: {exc!r}")
+                _run(self.loop, fail)
 
     def close(self) -> None:
         for deadlines in self._deadlines.values():

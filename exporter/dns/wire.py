@@ -34,12 +34,9 @@ class _Trace:
     def __init__(self, lines: list[str] | None) -> None:
         self._lines = lines
         self._t0 = time.perf_counter()
-        # An attribute, not only __bool__: probes test it on every step, thousands of
-        # times a second.
+        # An attribute, not __bool__: probes test it on every step, thousands of times a
+        # second.
         self.enabled = lines is not None
-
-    def __bool__(self) -> bool:
-        return self._lines is not None
 
     def __call__(self, message: str) -> None:
         if self._lines is not None:
