@@ -24,6 +24,7 @@ from prometheus_client.registry import Collector
 
 from exporter.metrics.exposition import (
     DURATION_HELP,
+    PIECE,
     PROBES_HELP,
     SUCCESS_HELP,
     TARGET_INFO_HELP,
@@ -178,11 +179,14 @@ class Reference(Collector):
         yield from (success, duration, probes, info)
 
 
-def _awkward_store() -> tuple[ResultStore, dict[Target, bool]]:
-    """Label values that need escaping, every outcome, sums that are not round."""
+def _awkward_store(copies: int = 1) -> tuple[ResultStore, dict[Target, bool]]:
+    """Label values that need escaping, every outcome, sums that are not round. With
+    `copies`, that many pods of each name, the first with the shortest labels (pieces of
+    the body are sized by the first check's labels)."""
     store = ResultStore()
     names = ['plain', 'quote"d', "back\\slash", "new\nline", "ünïcode", ""]
-    checks = [pod_check(n, p) for n in names for p in Protocol]
+    suffixes = [""] + [f"-{i:03d}-{'x' * (i % 40)}" for i in range(1, copies)]
+    checks = [pod_check(n + s, p) for s in suffixes for n in names for p in Protocol]
     pod_ready = {check.target: i % 2 == 0 for i, check in enumerate(checks)}
     store.retain(checks, pod_ready)
     for i, check in enumerate(checks):
@@ -193,8 +197,8 @@ def _awkward_store() -> tuple[ResultStore, dict[Target, bool]]:
 
 
 def _both(accept: str, encoder: Callable[[CollectorRegistry], bytes],
-          openmetrics: bool) -> tuple[Samples, Samples, str]:
-    store, pod_ready = _awkward_store()
+          openmetrics: bool, copies: int = 1) -> tuple[Samples, Samples, str]:
+    store, pod_ready = _awkward_store(copies)
     registry = CollectorRegistry()
     register(registry)
     reference = CollectorRegistry()
@@ -218,3 +222,20 @@ def test_openmetrics_matches_prometheus_client() -> None:
     assert ours == theirs
     assert body.endswith("# EOF\n") and body.count("# EOF") == 1
     assert "# TYPE dnsprobe_probes counter" in body
+
+
+def test_a_body_of_many_pieces_matches_prometheus_client() -> None:
+    # 300 checks: the histogram and the counters span several pieces each, the last of
+    # them partial, and the later checks' labels are longer than the first's.
+    ours, theirs, _ = _both("", generate_latest, False, copies=25)
+    per_check = [k for k in theirs if k[0] != "dnsprobe_target_info" and "pod" in dict(k[1])]
+    assert len(per_check) == 300 * (1 + len(BUCKETS) + 3 + len(OUTCOMES))
+    assert ours == theirs
+    store, _ = _awkward_store(25)
+    pieces = asyncio.run(_pieces(Exposition(store, CollectorRegistry())))
+    assert len(pieces) > 20
+    assert max(len(p) for p in pieces) < 2 * PIECE
+
+
+async def _pieces(exposition: Exposition) -> list[bytes]:
+    return [piece async for piece in exposition.stream()]
