@@ -301,6 +301,91 @@ async def test_malformed_response_with_our_id_is_an_error(peer: PeerFactory) -> 
     assert "malformed" in result.reason
 
 
+# --- a TCP peer that writes its answer as a slow or broken server would ---
+
+# The pieces to write, then the connection is closed; None: close now; b"": keep it open
+# until the client closes it.
+TcpReply = Callable[[bytes], list[bytes | None]]
+
+
+@pytest.fixture
+async def tcp_peer() -> AsyncIterator[Callable[[TcpReply], Awaitable[tuple[str, int]]]]:
+    servers: list[asyncio.Server] = []
+
+    async def start(reply: TcpReply) -> tuple[str, int]:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            (length,) = struct.unpack("!H", await reader.readexactly(2))
+            for piece in reply(await reader.readexactly(length)):
+                if piece is None:
+                    break
+                if not piece:
+                    await reader.read()  # the client's close
+                    break
+                writer.write(piece)
+                await writer.drain()
+                await asyncio.sleep(0.01)  # a slow server: each piece its own segment
+            writer.close()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        servers.append(server)
+        return "127.0.0.1", int(server.sockets[0].getsockname()[1])
+
+    yield start
+    for server in servers:
+        server.close()
+        await server.wait_closed()
+
+
+def _framed(wire: bytes) -> bytes:
+    return struct.pack("!H", len(wire)) + wire
+
+
+async def test_tcp_answer_in_pieces_after_a_stranger_is_read_whole(
+    tcp_peer: Callable[[TcpReply], Awaitable[tuple[str, int]]],
+) -> None:
+    def reply(query: bytes) -> list[bytes | None]:
+        (qid,) = struct.unpack("!H", query[:2])
+        stranger = _framed(_with_id(_answer(query, WRONG_IP), (qid + 1) % 65536))
+        ours = _framed(_answer(query))
+        # The stranger and the first byte of our length together, then the rest of the
+        # length, then our answer in two.
+        return [stranger + ours[:1], ours[1:2], ours[2:9], ours[9:]]
+
+    host, port = await tcp_peer(reply)
+    trace: list[str] = []
+    result = await probe(host, port, Protocol.TCP, KUBERNETES, 2.0, trace=trace)
+    assert result.outcome is Outcome.SUCCESS, result.reason
+    assert result.answers == (KUBERNETES_IP,)
+    assert any("ignored" in line for line in trace)
+    assert result.rtt_seconds is not None and result.rtt_seconds >= 0.02  # the 3 pauses
+
+
+async def test_tcp_server_closing_mid_answer_is_an_error_that_says_where(
+    tcp_peer: Callable[[TcpReply], Awaitable[tuple[str, int]]],
+) -> None:
+    def reply(query: bytes) -> list[bytes | None]:
+        ours = _framed(_answer(query))
+        return [ours[:10], None]
+
+    host, port = await tcp_peer(reply)
+    result = await probe(host, port, Protocol.TCP, KUBERNETES, 2.0)
+    assert result.outcome is Outcome.ERROR
+    assert "closed the TCP connection before a full response" in result.reason
+    assert "after 8 of" in result.reason
+
+
+async def test_tcp_server_that_never_answers_times_out(
+    tcp_peer: Callable[[TcpReply], Awaitable[tuple[str, int]]],
+) -> None:
+    host, port = await tcp_peer(lambda query: [b"\x00", b""])  # half a length, then nothing
+    started = time.perf_counter()
+    result = await probe(host, port, Protocol.TCP, KUBERNETES, 0.3)
+    assert result.outcome is Outcome.TIMEOUT
+    assert time.perf_counter() - started >= 0.3
+
+
 # --- evaluate(), the pure judgement ---
 
 

@@ -36,7 +36,7 @@ _TCPI_RTT = struct.Struct("@I")
 _TCPI_RTT_OFFSET = 8 + 15 * 4
 
 
-def handshake_rtt(sock: socket.socket, fallback: float) -> float:
+def handshake_rtt(sock: _socket.socket, fallback: float) -> float:
     """The connection's round trip in seconds as the kernel measured it; `fallback` (the
     user-space time to connect) where TCP_INFO is not available or plausible."""
     try:

@@ -25,6 +25,7 @@ import collections
 import errno
 import functools
 import ipaddress
+import os
 import select
 import socket
 import struct
@@ -165,29 +166,8 @@ class _MalformedResponse(Exception):
         self.rtt = rtt
 
 
-class _Closed(Exception):
-    def __init__(self, got: int, wanted: int) -> None:
-        super().__init__(f"connection closed after {got} of {wanted} bytes")
-
-
-def _wake(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
-
-
-async def _readable(sock: _socket.socket) -> None:
-    loop = asyncio.get_running_loop()
-    waiter: asyncio.Future[None] = loop.create_future()
-    fd = sock.fileno()
-    loop.add_reader(fd, _wake, waiter)
-    try:
-        await waiter
-    finally:
-        loop.remove_reader(fd)
-
-
 class _Deadlines:
-    """The timeouts of every in-flight UDP probe with one timeout value: a queue in start
+    """The timeouts of every in-flight probe with one timeout value: a queue in start
     order (so in deadline order) and one timer, armed for the oldest probe still in
     flight. A probe that is answered leaves its entry behind, skipped when the timer
     fires or the next probe starts; a timer per probe, armed and cancelled thousands of
@@ -251,10 +231,11 @@ def _run(loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> Excep
 
 
 class _Poller:
-    """The UDP probes in flight on one event loop, behind one epoll set that the loop
-    watches once. A probe's socket is registered with one epoll_ctl() and leaves the set
-    when it is closed; asking the loop to watch and unwatch each socket cost several
-    times that (the loop's handle objects for every socket, and a second syscall)."""
+    """The probes in flight on one event loop, behind one epoll set that the loop watches
+    once. A probe's socket is registered with one epoll_ctl() and leaves the set when it
+    is closed; asking the loop to watch and unwatch each socket cost several times that
+    (the loop's handle objects for every socket, and a second syscall; for TCP, a task,
+    futures and a reader and a writer per probe)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
@@ -263,15 +244,19 @@ class _Poller:
         self._deadlines: dict[float, _Deadlines] = {}
         loop.add_reader(self._epoll.fileno(), self._ready)
 
-    def watch(self, fd: int, exchange: _Exchange, timeout: float) -> None:
-        """Call `exchange._udp_readable()` when `fd` is readable, `exchange._expired()` if
-        it is not finished `timeout` seconds from now."""
-        self._epoll.register(fd, select.EPOLLIN)
+    def watch(self, fd: int, exchange: _Exchange, timeout: float,
+              events: int = select.EPOLLIN) -> None:
+        """Call `exchange._ready()` when `fd` has one of `events` (readable unless told),
+        `exchange._expired()` if it is not finished `timeout` seconds from now."""
+        self._epoll.register(fd, events)
         self._probes[fd] = exchange
         deadlines = self._deadlines.get(timeout)
         if deadlines is None:
             deadlines = self._deadlines[timeout] = _Deadlines(self.loop, timeout)
         deadlines.add(exchange)
+
+    def modify(self, fd: int, events: int) -> None:
+        self._epoll.modify(fd, events)
 
     def forget(self, fd: int) -> None:
         """`fd` is about to be closed (closing it takes it out of the epoll set)."""
@@ -283,7 +268,7 @@ class _Poller:
             exchange = probes.get(fd)
             if exchange is None:  # it finished earlier in this batch
                 continue
-            exc = _run(self.loop, exchange._udp_readable)
+            exc = _run(self.loop, exchange._ready)
             if exc is not None and not exchange._finished:  # its socket would stay readable
                 fail = functools.partial(exchange._fail, Outcome.ERROR, f"internal error: {exc!r}")
                 _run(self.loop, fail)
@@ -314,10 +299,12 @@ def _poller(loop: asyncio.AbstractEventLoop) -> _Poller:
 class _Exchange:
     """One probe: a query and its response on a socket of its own.
 
-    UDP runs on loop callbacks: send, then the loop's `_Poller` calls back when the socket
-    is readable or its `_Deadlines` when the timeout passes, and whichever comes first
-    finishes the probe. TCP, with its connect and partial
-    reads, runs as a task under `asyncio.timeout`. Reads go through recvmsg() to get the
+    Both transports run on loop callbacks: the loop's `_Poller` calls back when the socket
+    is ready, its `_Deadlines` when the timeout passes, and whichever finishes the probe
+    first wins. UDP sends at once and waits to be readable. TCP connects without waiting,
+    waits to be writable (connected), sends the length-prefixed query and reads the
+    answer as it comes, in as many pieces as the kernel hands over; the timeout covers
+    the whole exchange, the connection included. Reads go through recvmsg() to get the
     kernel's receive timestamp; the round trip is that timestamp minus the wall-clock
     time taken just before sending. When the kernel gives no timestamp, or a clock step
     makes it implausible (later than the read itself), the monotonic user-space measure
@@ -325,9 +312,10 @@ class _Exchange:
     """
 
     __slots__ = (
-        "_done", "_fd", "_finished", "_handshake", "_ignored", "_log", "_loop", "_poller",
-        "_protocol", "_query", "_rdtype", "_rx_ns", "_sent", "_sent_ns", "_sock",
-        "_started_at", "_task", "_timeout", "_wire", "data", "response", "rtt",
+        "_connected", "_done", "_fd", "_finished", "_handshake", "_ignored", "_log", "_loop",
+        "_outgoing", "_poller", "_protocol", "_query", "_rdtype", "_received", "_rx_ns",
+        "_sent", "_sent_ns", "_sock", "_started_at", "_timeout", "_wire", "data",
+        "response", "rtt",
     )
 
     def __init__(
@@ -347,9 +335,11 @@ class _Exchange:
         self._rdtype = _rdtype(query.rdtype)
         self._ignored: list[str] = []
         self._sock: _socket.socket | None = None
-        self._fd = -1  # UDP: watched by the loop's _Poller
+        self._fd = -1  # watched by the loop's _Poller
         self._poller: _Poller | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._connected = False  # TCP: the handshake is done
+        self._outgoing = b""  # TCP: the part of the query the kernel has not taken yet
+        self._received = b""  # TCP: what has arrived and is not a whole message yet
         self._finished = False
         self._sent_ns = 0
         self._sent = 0.0
@@ -376,12 +366,11 @@ class _Exchange:
         except ValueError:
             self._fail(Outcome.ERROR, f"not an IP address: {host!r}")
             return
+        udp = protocol is Protocol.UDP
         try:
-            # UDP: the C socket type itself; the Python subclass's __init__ and close()
-            # wrappers were a tenth of a probe. TCP hands its socket to the loop's
-            # sock_* methods, which want the Python one.
-            sock = (_socket.socket(family, _UDP) if protocol is Protocol.UDP
-                    else socket.socket(family, _TCP))
+            # The C socket type itself: the Python subclass's __init__ and close()
+            # wrappers were a tenth of a UDP probe.
+            sock = _socket.socket(family, _UDP if udp else _TCP)
         except OSError as exc:  # out of file descriptors, most likely: say so, do not crash
             self._fail(Outcome.ERROR, f"cannot open a socket: {exc}")
             return
@@ -389,8 +378,8 @@ class _Exchange:
         if not _NONBLOCK:
             sock.setblocking(False)
         enable_timestamps(sock)
-        if isinstance(sock, socket.socket):  # TCP
-            self._task = loop.create_task(self._tcp(host, port))
+        if not udp:
+            self._tcp_start(loop, host, port)
             return
         try:
             # connect() on UDP only sets the peer: the kernel then drops datagrams from
@@ -414,8 +403,6 @@ class _Exchange:
         if not self._finished:
             self._finished = True
             self._done = _ignore
-            if self._task is not None:
-                self._task.cancel()
             self._close()
 
     def _close(self) -> None:
@@ -500,7 +487,18 @@ class _Exchange:
         self.data, self.rtt = data, rtt
         return True
 
-    # -- UDP: callbacks ---------------------------------------------------------------
+    # -- readiness --------------------------------------------------------------------
+
+    def _ready(self) -> None:
+        """The poller's call: the socket is ready for what the probe waits for."""
+        if self._protocol is Protocol.UDP:
+            self._udp_readable()
+        elif self._connected:
+            self._tcp_ready()
+        else:
+            self._tcp_connected()
+
+    # -- UDP -------------------------------------------------------------------------
 
     def _udp_readable(self) -> None:
         try:
@@ -516,62 +514,101 @@ class _Exchange:
         except _MalformedResponse as exc:
             self._fail(Outcome.ERROR, str(exc), exc.rtt)
 
-    # -- TCP: a task -----------------------------------------------------------------
+    # -- TCP -------------------------------------------------------------------------
+    # The round trip is the handshake's, as the kernel measured it (TCP_INFO), plus the
+    # query's from sending to the kernel's receive timestamp of the answer's last piece.
 
-    async def _tcp(self, host: str, port: int) -> None:
-        try:
-            async with asyncio.timeout(self._timeout):
-                await self._tcp_exchange(host, port)
-        except TimeoutError:
-            self._expired()
-        except OSError as exc:
-            self._fail(*_unreachable(exc))
-        except _MalformedResponse as exc:
-            self._fail(Outcome.ERROR, str(exc), exc.rtt)
-        else:
-            self._answered()
-        finally:
-            self._close()
-
-    async def _recv(self, size: int) -> bytes:
-        assert self._sock is not None
-        while True:
-            try:
-                return self._read(size)
-            except (BlockingIOError, InterruptedError):
-                await _readable(self._sock)
-
-    async def _recv_exactly(self, n: int) -> bytes:
-        buf = b""
-        while len(buf) < n:
-            chunk = await self._recv(n - len(buf))
-            if not chunk:
-                raise _Closed(len(buf), n)
-            buf += chunk
-        return buf
-
-    async def _tcp_exchange(self, host: str, port: int) -> None:
-        """The round trip is the handshake's, as the kernel measured it (TCP_INFO), plus
-        the query's from sending to the kernel's receive timestamp of the answer."""
-        sock, loop = self._sock, self._loop
-        assert isinstance(sock, socket.socket)
+    def _tcp_start(self, loop: asyncio.AbstractEventLoop, host: str, port: int) -> None:
+        sock = self._sock
+        assert sock is not None
         self._start_clock()
-        await loop.sock_connect(sock, (host, port))
-        connected = time.perf_counter() - self._sent
-        self._handshake = handshake_rtt(sock, connected)
+        try:
+            error = sock.connect_ex((host, port))
+        except OSError as exc:  # an address the socket cannot take
+            self._fail(*_unreachable(exc))
+            return
+        if error not in (0, errno.EINPROGRESS):
+            self._fail(*_unreachable(OSError(error, os.strerror(error))))
+            return
+        # Connected when writable; a connection the kernel made at once is writable at
+        # once too.
+        self._fd = sock.fileno()
+        self._poller = _poller(loop)
+        self._poller.watch(self._fd, self, self._timeout, select.EPOLLOUT)
+
+    def _tcp_connected(self) -> None:
+        sock = self._sock
+        assert sock is not None
+        error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if error:
+            self._fail(*_unreachable(OSError(error, os.strerror(error))))
+            return
+        self._connected = True
+        self._handshake = handshake_rtt(sock, time.perf_counter() - self._sent)
         if self._log.enabled:
             self._log(f"connected, handshake round trip {self._handshake * 1000:.3f}ms")
         self._start_clock()
-        await loop.sock_sendall(sock, struct.pack("!H", len(self._wire)) + self._wire)
+        self._outgoing = struct.pack("!H", len(self._wire)) + self._wire
+        self._tcp_send()
+
+    def _tcp_send(self) -> None:
+        """Send what the kernel takes; wait to be writable again for any rest, else for
+        the answer."""
+        assert self._sock is not None and self._poller is not None
         try:
-            while True:
-                (length,) = struct.unpack("!H", await self._recv_exactly(2))
-                if self._accept(await self._recv_exactly(length)):
-                    return
-        except _Closed as exc:
-            raise _MalformedResponse(
-                f"server closed the TCP connection before a full response ({exc})",
-                self._handshake + time.perf_counter() - self._sent,
-            ) from exc
+            sent = self._sock.send(self._outgoing)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            self._fail(*_unreachable(exc))
+            return
+        self._outgoing = self._outgoing[sent:]
+        self._poller.modify(self._fd, select.EPOLLOUT if self._outgoing else select.EPOLLIN)
 
+    def _tcp_ready(self) -> None:
+        if self._outgoing:
+            self._tcp_send()
+            return
+        while not self._finished:
+            try:
+                chunk = self._read(_MAX_MESSAGE + 2)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._fail(*_unreachable(exc))
+                return
+            if not chunk:
+                self._tcp_closed()
+                return
+            self._received += chunk
+            try:
+                self._tcp_messages()
+            except _MalformedResponse as exc:
+                self._fail(Outcome.ERROR, str(exc), exc.rtt)
 
+    def _tcp_messages(self) -> None:
+        """Each whole message received: the answer finishes the probe; another one (not
+        ours) is noted and skipped."""
+        received = self._received
+        while len(received) >= 2:
+            length = received[0] << 8 | received[1]
+            if len(received) < 2 + length:
+                return
+            data, received = received[2 : 2 + length], received[2 + length :]
+            self._received = received
+            if self._accept(data):
+                self._answered()
+                return
+
+    def _tcp_closed(self) -> None:
+        received = self._received
+        if len(received) < 2:
+            got, wanted = len(received), 2
+        else:
+            got, wanted = len(received) - 2, received[0] << 8 | received[1]
+        self._fail(
+            Outcome.ERROR,
+            "server closed the TCP connection before a full response "
+            f"(connection closed after {got} of {wanted} bytes)",
+            self._handshake + time.perf_counter() - self._sent,
+        )
